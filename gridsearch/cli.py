@@ -1,0 +1,201 @@
+"""The `gridsearch` command: parse, call the modules, print. No logic of its own."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from gridsearch.spec import SpecError, Sweep, load
+from gridsearch.stages import Stage, start_label
+
+EXIT_BAD_INPUT = 2
+
+
+def _console() -> Console:
+    """Drawn on a duplicate of fd 1, so that ultrack's own output (sent to a log) cannot mix in."""
+    return Console(file=os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1))
+
+
+def fail(msg: str, code: int = EXIT_BAD_INPUT) -> None:
+    click.echo(f"error: {msg}", err=True)
+    sys.exit(code)
+
+
+def _load(spec: str) -> Sweep:
+    try:
+        return load(spec)
+    except SpecError as e:
+        fail(str(e))
+        raise  # unreachable
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="gridsearch")
+def main() -> None:
+    """Parameter grid search for the Ultrack cell tracker."""
+
+
+@main.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--restart", is_flag=True, help="Archive earlier results and start over (base config or data changed).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress display.")
+def sweep(spec: str, restart: bool, quiet: bool) -> None:
+    """Run the sweep, or resume it where it stopped."""
+    from gridsearch.engine import run_sweep
+    from gridsearch.postgres import PostgresError
+    from gridsearch.progress import RichReporter, Silent
+    from gridsearch.workspace import Busy
+
+    sw = _load(spec)
+    console = _console()
+    reporter = Silent() if quiet else RichReporter(console)
+    try:
+        out = run_sweep(sw, restart=restart, reporter=reporter)
+    except (SpecError, Busy, PostgresError) as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        fail("interrupted; run the same command again to resume", 130)
+    console.print(
+        f"{out.completed} completed, {out.failed} failed, {out.skipped} already done; stage runs: "
+        + ", ".join(f"{s.label} {out.stage_runs[s]}" for s in Stage)
+        + f"; {out.wall_s:.1f} s"
+    )
+    sys.exit(1 if out.failed else 0)
+
+
+@main.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True)
+def plan(spec: str, as_json: bool) -> None:
+    """Dry run: the trials in run order, where each starts, stage runs against the naive count."""
+    from gridsearch.engine import existing_ledger, plan_for
+
+    sw = _load(spec)
+    with existing_ledger(sw) as led:
+        p = plan_for(sw, led)
+    runs = p.stage_runs()
+    doc = {
+        "trials": [
+            {
+                "trial": pt.trial.key,
+                "number": pt.trial.number,
+                "params": pt.trial.params,
+                "first_stage": None if pt.done else start_label(pt.first_stage),
+                "done": pt.done,
+            }
+            for pt in p.trials
+        ],
+        "stage_runs": {s.label: runs[s] for s in Stage},
+        "total_stage_runs": sum(runs.values()),
+        "naive_stage_runs": p.naive_runs,
+    }
+    if as_json:
+        click.echo(json.dumps(doc, indent=1))
+        return
+    t = Table(title=f"{sw.name}: {len(p.trials)} trials")
+    for col in ["#", "trial", *sw.grid_keys, "first_stage"]:
+        t.add_column(col)
+    for i, row in enumerate(doc["trials"], 1):
+        t.add_row(str(i), row["trial"], *(str(row["params"][k]) for k in sw.grid_keys),
+                  "done" if row["done"] else row["first_stage"])
+    c = _console()
+    c.print(t)
+    c.print(
+        "stage runs: " + ", ".join(f"{k} {v}" for k, v in doc["stage_runs"].items())
+        + f" = {doc['total_stage_runs']} (naive {doc['naive_stage_runs']})"
+    )
+
+
+@main.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True)
+def status(spec: str, as_json: bool) -> None:
+    """Trials by state, stage runs per stage (reruns included), what is running."""
+    from gridsearch import results
+    from gridsearch.engine import existing_ledger
+    from gridsearch.workspace import Workspace
+
+    sw = _load(spec)
+    ws = Workspace(sw.workdir)
+    by_state: dict[str, int] = {"done": 0, "failed": 0, "running": 0, "pending": len(sw.trials)}
+    runs: dict[str, dict[str, int]] = {s.label: {} for s in Stage}
+    running: list[dict[str, Any]] = []
+    with existing_ledger(sw) as led:
+        if led is not None:
+            df = results.table(sw, led)
+            by_state = {k: int((df["state"] == k).sum()) for k in by_state}
+            for r in led.stage_runs():
+                runs[r["stage"]][r["state"]] = runs[r["stage"]].get(r["state"], 0) + 1
+                if r["state"] == "running":
+                    running.append({k: r[k] for k in ("trial_key", "stage", "batches_done", "batches_total")})
+    holder = ws.holder()
+    doc = {"sweep": sw.name, "workdir": str(sw.workdir), "driver_pid": holder, "trials": by_state,
+           "stage_runs": runs, "running": running if holder else []}
+    if as_json:
+        click.echo(json.dumps(doc, indent=1))
+        return
+    c = _console()
+    c.print(f"[bold]{sw.name}[/] in {sw.workdir}: " + ("driver running, pid %s" % holder if holder else "no driver running"))
+    c.print("trials: " + ", ".join(f"{k} {v}" for k, v in by_state.items()))
+    for stage, states in runs.items():
+        c.print(f"  {stage}: " + (", ".join(f"{k} {v}" for k, v in sorted(states.items())) or "none"))
+    for r in doc["running"]:
+        c.print(f"  running: trial {r['trial_key']} {r['stage']} batch {r['batches_done']}/{r['batches_total']}")
+
+
+@main.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help=".csv, .parquet, .json or .md")
+@click.option("--sort", "sort_by", help="Column to sort by (descending for the objective).")
+@click.option("--top", type=int, help="Keep the first K rows.")
+def results(spec: str, output: str | None, sort_by: str | None, top: int | None) -> None:
+    """One row per trial: parameters, state, stage times, figures, metrics, provenance."""
+    from gridsearch import results as res
+    from gridsearch.engine import existing_ledger
+
+    sw = _load(spec)
+    with existing_ledger(sw) as led:
+        if led is None:
+            fail(f"{sw.workdir}: no sweep state yet; run `gridsearch sweep {spec}` first", 1)
+        df = res.table(sw, led)
+    if sort_by:
+        if sort_by not in df.columns:
+            fail(f"--sort {sort_by}: no such column; columns are: {', '.join(df.columns)}")
+        df = df.sort_values(sort_by, ascending=sort_by not in ("objective", sw.objective), na_position="last")
+    if top:
+        df = df.head(top)
+    if output:
+        try:
+            res.write(df, Path(output))
+        except ValueError as e:
+            fail(str(e))
+        click.echo(f"{len(df)} rows written to {output}")
+        return
+    show = [c for c in df.columns if c not in ("config", "tracks_csv", "started", "finished", "ultrack",
+                                                "gridsearch", "optuna_trial", "error")]
+    t = Table()
+    for col in show:
+        t.add_column(col, overflow="fold")
+    for _, row in df[show].iterrows():
+        t.add_row(*("" if _isna(v) else (f"{v:.3f}" if isinstance(v, float) else str(v)) for v in row))
+    _console().print(t)
+
+
+def _isna(v: Any) -> bool:
+    try:
+        import pandas as pd
+
+        return bool(pd.isna(v))
+    except (TypeError, ValueError):
+        return False
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""Per-trial export and summary figures, and the results table (one row per trial)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from gridsearch.ledger import Ledger
+from gridsearch.spec import Sweep
+from gridsearch.stages import Stage
+
+FIGURES = [
+    "selected_nodes",
+    "tracks",
+    "divisions",
+    "appearances",
+    "disappearances",
+    "mean_track_length",
+]
+TIMES = [f"{s.label}_s" for s in Stage]
+
+
+def export_trial(config_path: Path, out_dir: Path, n_frames: int) -> dict[str, float]:
+    """Write tracks.csv from the database's current solution; return its summary figures."""
+    from ultrack.core.export.tracks_layer import to_tracks_layer
+
+    from gridsearch.worker import load_config
+
+    cfg = load_config(config_path)
+    tracks, _graph = to_tracks_layer(cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / "tracks.csv.tmp"
+    tracks.to_csv(tmp, index=False)
+    tmp.replace(out_dir / "tracks.csv")
+    return summarize(tracks, n_frames)
+
+
+def summarize(tracks: pd.DataFrame, n_frames: int) -> dict[str, float]:
+    """Lineage figures from a napari-style tracks table (track_id, t, …, parent_track_id).
+
+    An appearance is a track with no parent that starts after the first frame; a disappearance a
+    track with no children that ends before the last one."""
+    if tracks.empty:
+        return {k: 0 for k in FIGURES} | {"mean_track_length": 0.0}
+    g = tracks.groupby("track_id")["t"].agg(["min", "max", "count"])
+    parent = tracks.groupby("track_id")["parent_track_id"].first()
+    children = parent[parent >= 0].value_counts()
+    has_parent = parent >= 0
+    has_children = g.index.isin(children.index)
+    return {
+        "selected_nodes": len(tracks),
+        "tracks": len(g),
+        "divisions": int((children >= 2).sum()),
+        "appearances": int(((~has_parent) & (g["min"] > 0)).sum()),
+        "disappearances": int(((~has_children) & (g["max"] < n_frames - 1)).sum()),
+        "mean_track_length": round(float(g["count"].mean()), 6),
+    }
+
+
+def table(sweep: Sweep, ledger: Ledger) -> pd.DataFrame:
+    """One row per trial of the current grid, in grid order; figures empty where not computed."""
+    recs = ledger.records()
+    rows: list[dict[str, Any]] = []
+    for t in sweep.trials:
+        rec = recs.get(t.key)
+        attrs: Mapping[str, Any] = rec.attrs if rec else {}
+        row: dict[str, Any] = {"trial": t.key, "number": t.number}
+        row.update(t.params)
+        row["state"] = {"COMPLETE": "done", "FAIL": "failed", "RUNNING": "running"}.get(
+            rec.state if rec else "", "pending"
+        )
+        row["first_stage"] = attrs.get("first_stage")
+        for col in TIMES:
+            row[col] = attrs.get(col)
+        figures = attrs.get("figures") or {}
+        for k in FIGURES:
+            row[k] = figures.get(k)
+        for k, v in (attrs.get("metrics") or {}).items():
+            row[k] = v
+        row["objective"] = rec.value if rec else None
+        row["error"] = attrs.get("error")
+        row["optuna_trial"] = rec.number if rec else None
+        row["config"] = attrs.get("config")
+        row["tracks_csv"] = attrs.get("tracks_csv")
+        row["started"] = rec.started if rec else None
+        row["finished"] = rec.finished if rec else None
+        row["ultrack"] = attrs.get("ultrack")
+        row["gridsearch"] = attrs.get("gridsearch")
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    for col in [*TIMES, "objective"]:
+        df[col] = pd.to_numeric(df[col], errors="coerce")
+    return df
+
+
+def write(df: pd.DataFrame, path: Path) -> None:
+    """Format by extension; written to a temp file first so a reader never sees half a table."""
+    ext = path.suffix.lower()
+    tmp = path.with_name(path.name + ".tmp")
+    if ext == ".csv":
+        df.to_csv(tmp, index=False)
+    elif ext == ".parquet":
+        df.to_parquet(tmp, index=False)
+    elif ext == ".json":
+        tmp.write_text(json.dumps(json.loads(df.to_json(orient="records", date_format="iso")), indent=1))
+    elif ext in (".md", ".markdown"):
+        tmp.write_text(df.to_markdown(index=False))
+    else:
+        raise ValueError(f"{path}: unknown format {ext!r}; use .csv, .parquet, .json or .md")
+    tmp.replace(path)

@@ -1,0 +1,343 @@
+"""The sweep file: load, validate everything before any work, expand the grid into trials."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import math
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from gridsearch.stages import (
+    EXECUTION_KEYS,
+    SECTION_OF,
+    STAGE_OF_SECTION,
+    Stage,
+    canonical_json,
+    fingerprints,
+)
+
+MAX_TRIALS = 10_000
+SWEEPABLE = tuple(SECTION_OF.values())
+
+
+class SpecError(Exception):
+    """Bad input: the message is one line naming what, where and why."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataSpec(_Strict):
+    foreground: Path
+    contours: Path
+    ground_truth: Path | None = None
+
+
+class DatabaseSpec(_Strict):
+    kind: Literal["sqlite", "postgresql"] = "sqlite"
+    managed: bool = False
+    host: str | None = None
+    port: int = 5432
+    user: str | None = None
+    dbname: str | None = None
+    keep: bool = False
+    listen: str = "127.0.0.1"
+
+
+class StageResources(_Strict):
+    cpus: int = Field(1, ge=1)
+    mem: str = "8G"
+    time: str = "01:00:00"
+
+
+class ExecutorSpec(_Strict):
+    kind: Literal["local", "slurm"] = "local"
+    workers: int = Field(1, ge=1, le=256)
+    frames_per_batch: int = Field(1, ge=1)
+    # SLURM only
+    partition: str | None = None
+    account: str | None = None
+    setup: list[str] = Field(default_factory=list)
+    max_parallel: int = Field(20, ge=1)
+    stages: dict[Literal["segment", "link", "solve", "server"], StageResources] = Field(
+        default_factory=dict
+    )
+    sbatch_args: list[str] = Field(default_factory=list)
+    poll_seconds: float = Field(2.0, gt=0)
+
+
+class SweepFile(_Strict):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]+$", max_length=64)
+    workdir: Path
+    data: DataSpec
+    config: Path | dict[str, Any] = Field(default_factory=dict)
+    grid: dict[str, list[Any]]
+    database: Literal["sqlite", "postgresql"] | DatabaseSpec = "sqlite"
+    executor: Literal["local", "slurm"] | ExecutorSpec = "local"
+    objective: str | None = None
+    keep_label_images: bool = True
+
+    @field_validator("database", mode="after")
+    @classmethod
+    def _db(cls, v: Any) -> DatabaseSpec:
+        return DatabaseSpec(kind=v) if isinstance(v, str) else v
+
+    @field_validator("executor", mode="after")
+    @classmethod
+    def _ex(cls, v: Any) -> ExecutorSpec:
+        return ExecutorSpec(kind=v) if isinstance(v, str) else v
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One parameter set. `key` is its identity across runs (a hash of what it computes)."""
+
+    number: int  # position in the grid's cartesian order
+    params: dict[str, Any]
+    sections: dict[str, dict[str, Any]]  # validated ultrack sections (JSON mode), no [data]
+    fps: dict[Stage, str]
+
+    @property
+    def key(self) -> str:
+        return self.fps[Stage.SOLVE][:12]
+
+    def prefix(self, stage: Stage) -> str:
+        return self.fps[stage]
+
+
+@dataclass
+class Sweep:
+    """A loaded, validated sweep: everything the planner and executors need."""
+
+    path: Path
+    file: SweepFile
+    base_sections: dict[str, dict[str, Any]]
+    data_identity: str
+    trials: list[Trial]
+    shape: tuple[int, ...] = field(default=())
+
+    @property
+    def name(self) -> str:
+        return self.file.name
+
+    @property
+    def workdir(self) -> Path:
+        return self.file.workdir
+
+    @property
+    def grid_keys(self) -> list[str]:
+        return list(self.file.grid)
+
+    @property
+    def database(self) -> DatabaseSpec:
+        assert isinstance(self.file.database, DatabaseSpec)
+        return self.file.database
+
+    @property
+    def executor(self) -> ExecutorSpec:
+        assert isinstance(self.file.executor, ExecutorSpec)
+        return self.file.executor
+
+    @property
+    def base_fingerprint(self) -> str:
+        """What must not change under a sweep's feet: base config and data (the grid may grow)."""
+        return hashlib.sha256(
+            canonical_json({"base": self.base_sections, "data": self.data_identity}).encode()
+        ).hexdigest()[:16]
+
+    @property
+    def objective(self) -> str:
+        if self.file.objective:
+            return self.file.objective
+        return "TRA" if self.file.data.ground_truth else "mean_track_length"
+
+
+def _where(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc) or "<top>"
+
+
+def _pydantic_line(prefix: str, err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = _where(first["loc"])
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{prefix}{loc}: {msg}{more}"
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise SpecError(f"{path}: cannot read sweep file: {e.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise SpecError(f"{path}{where}: invalid YAML: {problem}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: a sweep file must be a mapping of keys (name, workdir, data, grid …)")
+    return raw
+
+
+def _resolve(base: Path, p: Path) -> Path:
+    p = Path(os.path.expandvars(os.path.expanduser(str(p))))
+    return p if p.is_absolute() else (base / p)
+
+
+def _array_identity(path: Path, label: str, spec_path: Path) -> tuple[str, tuple[int, ...]]:
+    """Cheap identity of an input array: shape, dtype and the size+mtime of every stored file.
+
+    Hashing the content of a large movie would cost minutes; a rewrite changes mtimes."""
+    if not path.exists():
+        raise SpecError(f"{spec_path}: data.{label}: {path} does not exist")
+    try:
+        import zarr
+
+        arr = zarr.open(str(path), mode="r")
+        shape, dtype = tuple(int(s) for s in arr.shape), str(arr.dtype)
+    except Exception as e:  # zarr raises many kinds for a bad store
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise SpecError(f"{spec_path}: data.{label}: {path} is not a readable zarr array: {reason}") from None
+    if len(shape) not in (3, 4):
+        raise SpecError(f"{spec_path}: data.{label}: expected T x (Z) x Y x X, got shape {shape}")
+    h = hashlib.sha256(canonical_json([str(path.resolve()), shape, dtype]).encode())
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.relative_to(path) if f != path else f.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest(), shape
+
+
+def _load_base_config(cfg: Path | dict[str, Any], base: Path, spec_path: Path) -> dict[str, Any]:
+    if isinstance(cfg, dict):
+        return dict(cfg)
+    path = _resolve(base, cfg)
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as e:
+        raise SpecError(f"{spec_path}: config: cannot read {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise SpecError(f"{spec_path}: config: {path} is not valid TOML: {e}") from None
+
+
+def _validate_sections(raw: dict[str, Any], where: str) -> dict[str, dict[str, Any]]:
+    """Validate with ultrack's own models (they forbid unknown keys); return JSON-mode sections."""
+    from ultrack.config.config import MainConfig  # heavy import: only once validation is needed
+
+    try:
+        cfg = MainConfig.model_validate({**raw, "data": None})
+    except ValidationError as e:
+        raise SpecError(_pydantic_line(where, e)) from None
+    dumped = cfg.model_dump(by_alias=True, mode="json")
+    return {s: dumped[s] for s in SWEEPABLE}
+
+
+def _check_grid(grid: dict[str, list[Any]], spec_path: Path) -> None:
+    if not grid:
+        raise SpecError(f"{spec_path}: grid: empty; give at least one key with a list of values")
+    total = 1
+    for key, values in grid.items():
+        section, _, name = key.partition(".")
+        if section not in SWEEPABLE or not name or "." in name:
+            raise SpecError(
+                f"{spec_path}: grid.{key}: only segmentation.*, linking.* and tracking.* keys can be swept"
+            )
+        if key in EXECUTION_KEYS:
+            raise SpecError(
+                f"{spec_path}: grid.{key}: an execution setting (it does not change results); "
+                "set it under executor instead"
+            )
+        if not values:
+            raise SpecError(f"{spec_path}: grid.{key}: empty list of values")
+        seen = {canonical_json(v) for v in values}
+        if len(seen) != len(values):
+            raise SpecError(f"{spec_path}: grid.{key}: duplicate values in {values}")
+        total *= len(values)
+    if total > MAX_TRIALS:
+        raise SpecError(
+            f"{spec_path}: grid: {total:,} combinations exceeds the limit of {MAX_TRIALS:,}; "
+            "split the sweep or narrow the lists"
+        )
+
+
+def load(path: str | Path) -> Sweep:
+    """Everything is checked here, before any file or database is touched."""
+    spec_path = Path(path)
+    raw = _read_yaml(spec_path)
+    try:
+        sf = SweepFile.model_validate(raw)
+    except ValidationError as e:
+        raise SpecError(_pydantic_line(f"{spec_path}: ", e)) from None
+    base = spec_path.resolve().parent
+    sf.workdir = _resolve(base, sf.workdir)
+    sf.data.foreground = _resolve(base, sf.data.foreground)
+    sf.data.contours = _resolve(base, sf.data.contours)
+    if sf.data.ground_truth is not None:
+        sf.data.ground_truth = _resolve(base, sf.data.ground_truth)
+        tra = sf.data.ground_truth / "TRA" / "man_track.txt"
+        if not tra.is_file():
+            raise SpecError(f"{spec_path}: data.ground_truth: {tra} not found (expected a CTC TRA folder)")
+    _check_grid(sf.grid, spec_path)
+    db, ex = sf.database, sf.executor
+    assert isinstance(db, DatabaseSpec) and isinstance(ex, ExecutorSpec)
+    if db.kind == "sqlite" and ex.workers > 1:
+        raise SpecError(
+            f"{spec_path}: executor.workers: {ex.workers} parallel writers need database: postgresql "
+            "(SQLite takes one writer at a time)"
+        )
+    if db.kind == "sqlite" and ex.kind == "slurm":
+        raise SpecError(f"{spec_path}: executor: slurm needs database: postgresql (jobs on many nodes)")
+    if db.kind == "postgresql" and not db.managed and not (db.host and db.user):
+        raise SpecError(
+            f"{spec_path}: database: an existing server needs host and user (or set managed: true)"
+        )
+
+    fg_id, fg_shape = _array_identity(sf.data.foreground, "foreground", spec_path)
+    ct_id, ct_shape = _array_identity(sf.data.contours, "contours", spec_path)
+    if fg_shape != ct_shape:
+        raise SpecError(
+            f"{spec_path}: data: foreground {fg_shape} and contours {ct_shape} must have the same shape"
+        )
+    if fg_shape[0] < 2:
+        raise SpecError(f"{spec_path}: data.foreground: {fg_shape[0]} frame(s); tracking needs at least 2")
+    data_identity = hashlib.sha256(f"{fg_id}:{ct_id}".encode()).hexdigest()
+
+    base_raw = _load_base_config(sf.config, base, spec_path)
+    unknown = set(base_raw) - set(SWEEPABLE) - {"data"}
+    if unknown:
+        raise SpecError(f"{spec_path}: config.{sorted(unknown)[0]}: unknown ultrack config section")
+    base_raw.pop("data", None)  # gridsearch owns [data]: where each database lives
+    base_sections = _validate_sections(base_raw, f"{spec_path}: config.")
+
+    keys = list(sf.grid)
+    trials: list[Trial] = []
+    for number, combo in enumerate(itertools.product(*(sf.grid[k] for k in keys))):
+        params = dict(zip(keys, combo, strict=True))
+        raw_sections = {s: dict(base_raw.get(s, {})) for s in SWEEPABLE}
+        for key, value in params.items():
+            section, _, name = key.partition(".")
+            raw_sections[section][name] = value
+        where = f"{spec_path}: grid ({', '.join(f'{k}={v}' for k, v in params.items())}): "
+        sections = _validate_sections(raw_sections, where)
+        trials.append(Trial(number, params, sections, fingerprints(sections, data_identity)))
+    assert math.prod(len(v) for v in sf.grid.values()) == len(trials)
+    return Sweep(spec_path, sf, base_sections, data_identity, trials, fg_shape)
+
+
+def stage_of(key: str) -> Stage:
+    return STAGE_OF_SECTION[key.split(".", 1)[0]]

@@ -1,0 +1,111 @@
+"""One ultrack database: where it lives, how to clear it for a stage, how a stage splits into batches."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import toml
+
+from gridsearch.stages import Stage
+
+# ultrack writes this next to the database; solve and export need it (DESIGN.md).
+METADATA = "metadata.toml"
+
+
+@dataclass
+class UltrackDB:
+    """`name` is the ledger's key for this database; `working_dir` holds metadata.toml (and data.db)."""
+
+    name: str
+    working_dir: Path
+    kind: str = "sqlite"  # sqlite | postgresql
+    address: str | None = None  # user@host:port/dbname: never the password (libpq reads PGPASSWORD)
+    env: dict[str, str] = field(default_factory=dict, repr=False)  # libpq settings for workers
+
+    def data_section(self) -> dict[str, Any]:
+        sec: dict[str, Any] = {"working_dir": str(self.working_dir), "database": self.kind}
+        if self.kind == "sqlite":
+            sec["database_file_name"] = "data.db"
+        else:
+            sec["address"] = self.address
+        return sec
+
+    def config_dict(self, sections: dict[str, dict[str, Any]], frames_per_batch: int) -> dict[str, Any]:
+        """A complete ultrack config.toml for this database; n_workers = frames per batch."""
+        cfg = {k: dict(v) for k, v in sections.items()}
+        cfg["segmentation"]["n_workers"] = frames_per_batch
+        cfg["linking"]["n_workers"] = frames_per_batch
+        cfg["data"] = self.data_section()
+        return cfg
+
+    def write_config(self, sections: dict[str, dict[str, Any]], frames_per_batch: int, path: Path) -> Path:
+        cfg = self.config_dict(sections, frames_per_batch)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(toml.dumps(_drop_none(cfg)))
+        tmp.replace(path)
+        return path
+
+    def clear(self, stage: Stage) -> None:
+        """What `ultrack clear_database` does for the stage, with ultrack's own functions."""
+        from ultrack.core.database import Base, clear_all_data
+        from ultrack.core.linking.utils import clear_linking_data
+        from ultrack.core.solve.sqltracking import SQLTracking
+
+        url = self.database_url()
+        self.working_dir.mkdir(parents=True, exist_ok=True)
+        if stage == Stage.SEGMENT:
+            clear_all_data(url)
+            (self.working_dir / METADATA).unlink(missing_ok=True)
+            return
+        if not self._has_tables(Base):
+            raise RuntimeError(f"database {self.name} has no nodes table: cannot run {stage.label}")
+        if stage == Stage.LINK:
+            clear_linking_data(url)
+        else:
+            SQLTracking.clear_solution_from_database(url)
+
+    def database_url(self) -> str:
+        if self.kind == "sqlite":
+            return f"sqlite:///{self.working_dir.absolute()}/data.db"
+        return f"postgresql://{self.address}"
+
+    def _has_tables(self, base: Any) -> bool:
+        import sqlalchemy as sa
+
+        eng = sa.create_engine(self.database_url())
+        try:
+            return sa.inspect(eng).has_table("nodes")
+        finally:
+            eng.dispose()
+
+    def remove(self) -> None:
+        shutil.rmtree(self.working_dir, ignore_errors=True)
+
+
+def stage_phases(
+    stage: Stage, n_frames: int, frames_per_batch: int, window_size: int | None
+) -> list[list[int]]:
+    """Batch indices in phases: every batch of a phase may run at once, phases run in order.
+
+    segment: batch 0 creates the tables, then the rest; link: all at once; solve: even windows, then
+    odd (running them together gives different results, DESIGN.md)."""
+    max_t = n_frames - 1
+    if stage == Stage.SEGMENT:
+        n = math.ceil(n_frames / frames_per_batch)
+        return [[0], list(range(1, n))] if n > 1 else [[0]]
+    if stage == Stage.LINK:
+        return [list(range(math.ceil(max_t / frames_per_batch)))]
+    n = 1 if not window_size else math.ceil(max_t / window_size)
+    return [p for p in (list(range(0, n, 2)), list(range(1, n, 2))) if p]
+
+
+def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
+    """TOML has no null: ultrack's defaults for optional fields are None, so leaving them out is exact."""
+    return {
+        k: (_drop_none(v) if isinstance(v, dict) else v) for k, v in d.items() if v is not None
+    }
