@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
@@ -20,7 +21,10 @@ EXIT_BAD_INPUT = 2
 
 def _console() -> Console:
     """Drawn on a duplicate of fd 1, so that ultrack's own output (sent to a log) cannot mix in."""
-    return Console(file=os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1))
+    try:
+        return Console(file=os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1))
+    except (OSError, ValueError, io.UnsupportedOperation):  # no real fd (embedded, test runners)
+        return Console()
 
 
 def fail(msg: str, code: int = EXIT_BAD_INPUT) -> None:

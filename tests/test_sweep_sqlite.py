@@ -1,0 +1,174 @@
+"""End to end on the embedded default (SQLite, in-process), with real ultrack on a small movie."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from conftest import comparable, write_spec
+
+from gridsearch import results
+from gridsearch.cli import main
+from gridsearch.engine import existing_ledger, run_sweep
+from gridsearch.spec import SpecError, load
+from gridsearch.stages import Stage
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, movie: dict[str, Path]) -> tuple[Path, pd.DataFrame]:
+    """The example grid, run once without interruption."""
+    d = tmp_path_factory.mktemp("ref")
+    spec = write_spec(d, movie, name="ref")
+    out = run_sweep(load(spec))
+    assert (out.completed, out.failed) == (12, 0)
+    assert out.stage_runs == {Stage.SEGMENT: 2, Stage.LINK: 4, Stage.SOLVE: 12}
+    with existing_ledger(load(spec)) as led:
+        df = results.table(load(spec), led)
+    return spec, df
+
+
+def _done_runs(spec: Path) -> pd.DataFrame:
+    with existing_ledger(load(spec)) as led:
+        return pd.DataFrame(led.stage_runs())
+
+
+def test_example_grid_completes_with_minimal_stage_runs(reference: tuple[Path, pd.DataFrame]) -> None:
+    spec, df = reference
+    assert len(df) == 12 and (df["state"] == "done").all()
+    runs = _done_runs(spec)
+    done = runs[runs.state == "done"]
+    assert done.groupby("stage").size().to_dict() == {"segment": 2, "link": 4, "solve": 12}
+    # the ledger's fingerprint per run is unique: no stage result was computed twice
+    assert not done.duplicated(["stage", "fingerprint"]).any()
+    # reuse shows as empty times; each trial has its tracks and its full config
+    assert df["segment_s"].notna().sum() == 2 and df["link_s"].notna().sum() == 4
+    assert df["solve_s"].notna().all()
+    assert sorted(df["first_stage"].value_counts().to_dict().items()) == [
+        ("link", 2), ("segment", 2), ("solve", 8)]
+    for _, row in df.iterrows():
+        tracks = pd.read_csv(row["tracks_csv"])
+        assert len(tracks) == row["selected_nodes"] and tracks["track_id"].nunique() == row["tracks"]
+        assert Path(row["config"]).is_file()
+    # the parameters actually reached ultrack: different link distance, different tracks
+    assert df.groupby("linking.max_distance")["tracks"].mean().nunique() == 2
+
+
+def test_trial_config_is_the_trials_ultrack_config(reference: tuple[Path, pd.DataFrame]) -> None:
+    from ultrack.config.config import load_config
+
+    _, df = reference
+    row = df.iloc[-1]
+    cfg = load_config(row["config"])
+    assert cfg.segmentation_config.min_area == row["segmentation.min_area"]
+    assert cfg.linking_config.max_distance == row["linking.max_distance"]
+    assert cfg.tracking_config.appear_weight == row["tracking.appear_weight"]
+    assert cfg.segmentation_config.max_area == 1000 and cfg.tracking_config.solver_name == "CBC"
+
+
+def test_second_run_recomputes_nothing_and_grid_growth_adds_trials(
+    reference: tuple[Path, pd.DataFrame], tmp_path: Path
+) -> None:
+    spec, df = reference
+    again = run_sweep(load(spec))
+    assert (again.completed, again.skipped) == (0, 12)
+    assert sum(again.stage_runs.values()) == 0
+    grown = spec.read_text().replace("[-0.1, -0.5, -1.0]", "[-0.1, -0.5, -1.0, -2.0]")
+    spec.write_text(grown)
+    try:
+        out = run_sweep(load(spec))
+        # 4 new trials, all on (segment, link) prefixes already computed: solve only
+        assert out.completed == 4
+        assert out.stage_runs[Stage.SEGMENT] <= 1 and out.stage_runs[Stage.SOLVE] == 4
+        with existing_ledger(load(spec)) as led:
+            df2 = results.table(load(spec), led)
+        assert len(df2) == 16
+        old = df2[df2["tracking.appear_weight"] != -2.0]
+        pd.testing.assert_frame_equal(
+            comparable(old).drop(columns=["number"]), comparable(df).drop(columns=["number"]))
+    finally:
+        spec.write_text(grown.replace("[-0.1, -0.5, -1.0, -2.0]", "[-0.1, -0.5, -1.0]"))
+
+
+def test_changed_base_config_is_refused_unless_restart(
+    reference: tuple[Path, pd.DataFrame], tmp_path: Path
+) -> None:
+    spec, _ = reference
+    changed = tmp_path / spec.name
+    changed.write_text(spec.read_text().replace("max_area: 1000", "max_area: 900").replace(
+        "workdir: runs/ref", f"workdir: {spec.parent / 'runs' / 'ref'}"))
+    with pytest.raises(SpecError, match="--restart"):
+        run_sweep(load(changed))
+    r = CliRunner().invoke(main, ["sweep", "-q", str(changed)])
+    assert r.exit_code == 2 and "--restart" in r.stderr and "Traceback" not in r.output
+
+
+def test_second_driver_is_refused_by_the_lock(movie: dict[str, Path], tmp_path: Path) -> None:
+    spec = write_spec(tmp_path, movie, name="locked")
+    from gridsearch.workspace import Workspace
+
+    ws = Workspace(load(spec).workdir)
+    with ws.lock():
+        r = subprocess.run([sys.executable, "-m", "gridsearch.cli", "sweep", "-q", str(spec)],
+                           capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and "another sweep is running" in r.stderr
+
+
+def _running_stage(state_db: Path) -> tuple[str, int] | None:
+    if not state_db.exists():
+        return None
+    try:
+        with sqlite3.connect(state_db, timeout=1) as c:
+            row = c.execute(
+                "select stage, batches_done from gs_stage_run where state='running' order by id desc"
+            ).fetchone()
+            done = c.execute("select count(*) from gs_stage_run where state='done'").fetchone()[0]
+    except sqlite3.Error:
+        return None
+    return (row[0], done) if row and row[1] >= 1 and done >= 3 else None
+
+
+@pytest.mark.parametrize("victim", ["link", "segment"])
+def test_kill_9_mid_stage_then_resume_gives_identical_results(
+    reference: tuple[Path, pd.DataFrame], movie: dict[str, Path], tmp_path: Path, victim: str
+) -> None:
+    _, ref = reference
+    spec = write_spec(tmp_path, movie, name="killed")
+    state_db = load(spec).workdir / "state.db"
+    proc = subprocess.Popen([sys.executable, "-m", "gridsearch.cli", "sweep", "-q", str(spec)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    killed_in = None
+    while time.time() < deadline and proc.poll() is None:
+        got = _running_stage(state_db)
+        if got and got[0] == victim:
+            os.kill(proc.pid, signal.SIGKILL)
+            killed_in = got
+            break
+        time.sleep(0.02)
+    proc.wait()
+    assert killed_in is not None, f"never caught the sweep inside a {victim} stage"
+
+    before = _done_runs(spec)
+    r = subprocess.run([sys.executable, "-m", "gridsearch.cli", "sweep", "-q", str(spec)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    after = _done_runs(spec)
+    # nothing finished before the kill ran again
+    done_before = set(before[before.state == "done"].fingerprint + before[before.state == "done"].stage)
+    new_done = after[(after.state == "done") & (after.id > before.id.max())]
+    assert not (set(new_done.fingerprint + new_done.stage) & done_before)
+    assert (after.state == "interrupted").sum() == 1
+    done = after[after.state == "done"]
+    assert done.groupby("stage").size().to_dict() == {"segment": 2, "link": 4, "solve": 12}
+    with existing_ledger(load(spec)) as led:
+        df = results.table(load(spec), led)
+    pd.testing.assert_frame_equal(comparable(df), comparable(ref))
