@@ -336,6 +336,13 @@ def load(path: str | Path) -> Sweep:
         sections = _validate_sections(raw_sections, where)
         trials.append(Trial(number, params, sections, fingerprints(sections, data_identity)))
     assert math.prod(len(v) for v in sf.grid.values()) == len(trials)
+    seen: dict[str, Trial] = {}
+    for t in trials:
+        if t.key in seen:
+            a, b = seen[t.key].params, t.params
+            diff = ", ".join(f"{k}: {a[k]!r} vs {b[k]!r}" for k in keys if a[k] != b[k])
+            raise SpecError(f"{spec_path}: grid: duplicate values ({diff}) give the same ultrack config")
+        seen[t.key] = t
     return Sweep(spec_path, sf, base_sections, data_identity, trials, fg_shape)
 
 
