@@ -20,6 +20,8 @@ class Backend:
     kind: str = "sqlite"
     env: dict[str, str] = field(default_factory=dict, repr=False)  # for worker processes (libpq)
     address_of: Any = None  # dbname -> user@host:port/dbname (PostgreSQL)
+    server: Any = None  # gridsearch.postgres.PostgresServer
+    state_db: str = ""
 
     def ultrack_db(self, name: str) -> UltrackDB:
         if self.kind == "sqlite":

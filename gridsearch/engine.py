@@ -150,10 +150,14 @@ def run_sweep(sweep: Sweep, *, restart: bool = False, reporter: Reporter | None 
             if dest:
                 rep.message(f"previous results archived in {dest}")
         with open_backend(sweep, ws) as backend:
+            if restart and backend.kind != "sqlite":
+                from gridsearch.pgbackend import archive_state
+
+                old = archive_state(backend)
+                if old:
+                    rep.message(f"previous ledger kept in database {old}")
             ledger = Ledger(backend.ledger_url, sweep.name, backend.engine_kwargs)
             try:
-                if restart and backend.kind != "sqlite":
-                    ledger.reset()
                 check_compatible(ledger, sweep)
                 n = ledger.recover()
                 if n:

@@ -279,6 +279,20 @@ class PostgresServer(ABC):
 
         return bool(self._run_admin(f"creating database {name!r}", create))
 
+    def rename_database(self, name: str, new: str) -> None:
+        """Rename needs the database idle: its sessions are ended first."""
+        stmt = sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(name), sql.Identifier(new))
+
+        def rename(conn: psycopg.Connection) -> None:
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = %s AND pid <> pg_backend_pid()",
+                (name,),
+            )
+            conn.execute(stmt)
+
+        self._run_admin(f"rename database {name}", rename)
+
     def drop_database(self, name: str) -> bool:
         """Drop ``name`` even with open sessions; False if it did not exist."""
         if not self.database_exists(name):
@@ -422,8 +436,9 @@ class ManagedServer(PostgresServer):
 
     @property
     def max_connections(self) -> int:
-        """Each worker may hold a few sessions (ultrack pools), plus the driver and admins."""
-        return max(20, 4 * self.workers + 10)
+        """Each worker may hold a few sessions (ultrack opens one per call; a segment batch with
+        n_workers frames opens one per frame), plus the driver's pools, optuna's and admins."""
+        return max(50, 8 * self.workers + 30)
 
     @property
     def socket_dir(self) -> Path:

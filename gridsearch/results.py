@@ -28,8 +28,9 @@ def export_trial(config_path: Path, out_dir: Path, n_frames: int) -> dict[str, f
     """Write tracks.csv from the database's current solution; return its summary figures."""
     from ultrack.core.export.tracks_layer import to_tracks_layer
 
-    from gridsearch.worker import load_config
+    from gridsearch.worker import load_config, prepare_ultrack
 
+    prepare_ultrack()
     cfg = load_config(config_path)
     tracks, _graph = to_tracks_layer(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -56,6 +56,9 @@ class UltrackDB:
         from ultrack.core.linking.utils import clear_linking_data
         from ultrack.core.solve.sqltracking import SQLTracking
 
+        from gridsearch.worker import prepare_ultrack
+
+        prepare_ultrack()
         url = self.database_url()
         self.working_dir.mkdir(parents=True, exist_ok=True)
         if stage == Stage.SEGMENT:

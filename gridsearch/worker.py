@@ -37,11 +37,38 @@ def load_config(path: str | Path) -> Any:
     return _config(p, os.stat(p).st_mtime_ns)
 
 
-def run_batch(stage: Stage, config_path: str | Path, batch: int, foreground: str, contours: str) -> None:
-    """Out-of-range indices are a no-op: a planner that sized an array from the movie's shape may
-    ask for one more link batch than a movie whose last frames are empty needs."""
+_PATCHED = False
+
+
+def prepare_ultrack() -> None:
+    """ultrack creates a pooled engine per call and never disposes it: against PostgreSQL every call
+    would leave connections open until garbage collection, and a few workers exhaust the server's
+    slots. Without a pool each connection closes when its session ends."""
+    global _PATCHED
+    if _PATCHED:
+        return
+    import sqlalchemy
+    from sqlalchemy.pool import NullPool
+
+    original = sqlalchemy.create_engine
+
+    def create_engine(url: Any, *args: Any, **kwargs: Any) -> Any:
+        if not str(url).startswith("sqlite"):
+            kwargs.setdefault("poolclass", NullPool)
+        return original(url, *args, **kwargs)
+
+    sqlalchemy.create_engine = create_engine  # ultrack calls it as `sqla.create_engine`
+    _PATCHED = True
+
+
+def run_batch(
+    stage: Stage, config_path: str | Path, batch: int | None, foreground: str, contours: str
+) -> None:
+    """batch None: the whole stage. Out-of-range link indices are a no-op: an array sized from the
+    movie's shape may hold one more batch than a movie whose last frames are empty needs."""
     import ultrack
 
+    prepare_ultrack()
     cfg = load_config(config_path)
     if stage == Stage.SEGMENT:
         ultrack.segment(_array(foreground), _array(contours), cfg, batch_index=batch)
@@ -49,7 +76,7 @@ def run_batch(stage: Stage, config_path: str | Path, batch: int, foreground: str
         from ultrack.core.database import maximum_time_from_database
 
         max_t = maximum_time_from_database(cfg.data_config)
-        if batch * cfg.linking_config.n_workers >= max_t:
+        if batch is not None and batch * cfg.linking_config.n_workers >= max_t:
             return
         ultrack.link(cfg, batch_index=batch)
     else:
@@ -58,8 +85,11 @@ def run_batch(stage: Stage, config_path: str | Path, batch: int, foreground: str
 
 def serve() -> int:
     """JSON-lines loop on stdin/stdout: one task in, one result out. Logs go to stderr."""
-    out = sys.stdout
-    sys.stdout = sys.stderr  # ultrack and its solvers print; keep the protocol channel clean
+    # ultrack, tqdm and the CBC solver (C code) print to fd 1: the protocol gets its own fd and
+    # fd 1 becomes a copy of stderr (the worker's log).
+    out = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
     import ultrack  # noqa: F401  (pay the import once, before the first task)
 
     out.write(json.dumps({"ready": os.getpid()}) + "\n")

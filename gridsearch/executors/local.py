@@ -53,24 +53,26 @@ def fd_redirect(log: Path) -> Iterator[None]:
 
 
 class InProcessExecutor(Executor):
-    """One batch at a time in the driver: SQLite takes no concurrent writers anyway."""
+    """Whole stages in the driver, one after another: SQLite takes one writer at a time anyway.
+
+    Each stage is one call with batch_index=None (ultrack then walks every frame, and solve windows
+    even-then-odd, itself): with n_workers=1 no process pool is spawned, and the per-call set-up
+    that per-frame batches would repeat is paid once (measured in tests/benchmarks)."""
 
     def __init__(self, log_dir: Path) -> None:
         self.log = log_dir / "ultrack.log"
 
     def run(self, jobs: Sequence[StageJob], events: Events) -> None:
         for job in jobs:
-            events.stage_started(job.stage, job.n_batches)
-            for phase in job.phases:
-                for b in phase:
-                    try:
-                        with fd_redirect(self.log):
-                            run_batch(job.stage, job.config_path, b, job.foreground, job.contours)
-                    except Exception as e:
-                        with open(self.log, "a") as f:
-                            f.write(traceback.format_exc())
-                        raise StageFailed(job.stage, b, _one_line(e), self.log, tail(self.log)) from e
-                    events.batch_done(job.stage, b)
+            events.stage_started(job.stage, 1)
+            try:
+                with fd_redirect(self.log):
+                    run_batch(job.stage, job.config_path, None, job.foreground, job.contours)
+            except Exception as e:
+                with open(self.log, "a") as f:
+                    f.write(traceback.format_exc())
+                raise StageFailed(job.stage, None, _one_line(e), self.log, tail(self.log)) from e
+            events.batch_done(job.stage, 0)
             events.stage_done(job.stage)
 
 
