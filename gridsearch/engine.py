@@ -220,7 +220,10 @@ def _run_plan(
                     if s >= first
                 ]
                 executor.run(jobs, events)
-            figures = results.export_trial(config_path, tdir, sweep.shape[0])
+            figures, metrics = results.export_trial(
+                config_path, tdir, sweep.shape[0], sweep.file.data.ground_truth,
+                sweep.file.keep_label_images,
+            )
         except StageFailed as e:
             for stage, run_id in events.runs.items():
                 if stage not in events.walls:
@@ -235,13 +238,14 @@ def _run_plan(
         walls = ledger.stage_wall(trial.key)
         attrs: dict[str, Any] = {
             "figures": figures,
+            "metrics": metrics,
             **{f"{s.label}_s": round(walls[s], 3) for s in walls},
             "config": str(config_path),
             "tracks_csv": str(tdir / "tracks.csv"),
             "host": os.uname().nodename,
             **provenance,
         }
-        value = figures.get(sweep.objective, float("nan"))
+        value = {**figures, **metrics}.get(sweep.objective, float("nan"))
         ledger.finish_trial(number, float(value), attrs)
         rep.trial_finished(trial, True, "")
         completed += 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,16 @@ FIGURES = [
 TIMES = [f"{s.label}_s" for s in Stage]
 
 
-def export_trial(config_path: Path, out_dir: Path, n_frames: int) -> dict[str, float]:
-    """Write tracks.csv from the database's current solution; return its summary figures."""
+def export_trial(
+    config_path: Path,
+    out_dir: Path,
+    n_frames: int,
+    ground_truth: Path | None = None,
+    keep_label_images: bool = True,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Export the database's current solution (tracks.csv, and CTC format with ground truth);
+    return (summary figures, metrics). Runs right after the trial's solve, before the database
+    moves on to the next trial."""
     from ultrack.core.export.tracks_layer import to_tracks_layer
 
     from gridsearch.worker import load_config, prepare_ultrack
@@ -37,7 +46,31 @@ def export_trial(config_path: Path, out_dir: Path, n_frames: int) -> dict[str, f
     tmp = out_dir / "tracks.csv.tmp"
     tracks.to_csv(tmp, index=False)
     tmp.replace(out_dir / "tracks.csv")
-    return summarize(tracks, n_frames)
+    figures = summarize(tracks, n_frames)
+    metrics: dict[str, float] = {}
+    if ground_truth is not None:
+        metrics = score_ctc(cfg, out_dir / "ctc", ground_truth, keep_label_images, empty=tracks.empty)
+    return figures, metrics
+
+
+def score_ctc(cfg: Any, ctc_dir: Path, gt: Path, keep_label_images: bool, empty: bool) -> dict[str, float]:
+    """ultrack's to_ctc raises on an empty solution: that trial scores as the CTC scores nothing."""
+    from ultrack.core.export.ctc import to_ctc
+
+    from gridsearch import metrics as m
+
+    if ctc_dir.exists():
+        shutil.rmtree(ctc_dir)
+    if empty:
+        ctc_dir.mkdir(parents=True)
+        (ctc_dir / "res_track.txt").write_text("")
+    else:
+        to_ctc(ctc_dir, cfg, overwrite=True)
+    scores = m.score(ctc_dir, gt)
+    if not keep_label_images:
+        for f in ctc_dir.glob("mask*.tif"):
+            f.unlink()
+    return scores
 
 
 def summarize(tracks: pd.DataFrame, n_frames: int) -> dict[str, float]:

@@ -24,6 +24,9 @@ from gridsearch.stages import (
 )
 
 MAX_TRIALS = 10_000
+# What a trial can be ranked by (all maximised): CTC metrics need ground truth.
+CTC_METRICS = ("TRA", "DET", "LNK", "CHOTA", "SEG")
+SUMMARY_FIGURES = ("selected_nodes", "tracks", "divisions", "mean_track_length")
 SWEEPABLE = tuple(SECTION_OF.values())
 
 
@@ -293,6 +296,13 @@ def load(path: str | Path) -> Sweep:
         if not tra.is_file():
             raise SpecError(f"{spec_path}: data.ground_truth: {tra} not found (expected a CTC TRA folder)")
     _check_grid(sf.grid, spec_path)
+    if sf.objective is not None:
+        allowed = list(SUMMARY_FIGURES) + (list(CTC_METRICS) if sf.data.ground_truth else [])
+        if sf.objective not in allowed:
+            why = " (metrics need data.ground_truth)" if sf.objective in CTC_METRICS else ""
+            raise SpecError(
+                f"{spec_path}: objective: {sf.objective!r} is not one of {', '.join(allowed)}{why}"
+            )
     db, ex = sf.database, sf.executor
     assert isinstance(db, DatabaseSpec) and isinstance(ex, ExecutorSpec)
     if db.kind == "sqlite" and ex.workers > 1:

@@ -1,5 +1,5 @@
 # Shared helpers for start-cluster.sh / stop-cluster.sh (sourced, not executed).
-# shellcheck shell=bash
+# shellcheck shell=bash disable=SC2034  # variables are used by the sourcing scripts
 
 CLUSTER_NAME=gridsearch-test
 SLURM_CONF=/etc/slurm/slurm.conf
