@@ -192,6 +192,93 @@ def results(spec: str, output: str | None, sort_by: str | None, top: int | None)
     _console().print(t)
 
 
+@main.group()
+def db() -> None:
+    """A managed PostgreSQL server that outlives one sweep (several sweeps, inspection)."""
+
+
+def _managed(spec: str) -> tuple[Sweep, Any]:
+    from gridsearch.pgbackend import managed_server
+    from gridsearch.workspace import Workspace
+
+    sw = _load(spec)
+    if sw.database.kind != "postgresql" or not sw.database.managed:
+        fail(f"{spec}: database: `gridsearch db` needs database: {{kind: postgresql, managed: true}}")
+    return sw, managed_server(sw, Workspace(sw.workdir))
+
+
+def _pg_errors(fn: Any) -> Any:
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*a: Any, **k: Any) -> Any:
+        from gridsearch.postgres import PostgresError
+
+        try:
+            return fn(*a, **k)
+        except PostgresError as e:
+            fail(str(e), 1)
+
+    return wrapper
+
+
+@db.command("start")
+@click.argument("spec", type=click.Path(dir_okay=False))
+@_pg_errors
+def db_start(spec: str) -> None:
+    """Start (initialising if needed) and leave running; sweeps on SPEC reuse it and leave it up."""
+    sw, server = _managed(spec)
+    sw.workdir.mkdir(parents=True, exist_ok=True)
+    started = server.start()
+    click.echo(f"{'started' if started else 'already running'}: {server.host}:{server.port} "
+               f"(data in {server.data_dir})")
+
+
+@db.command("stop")
+@click.argument("spec", type=click.Path(dir_okay=False))
+@_pg_errors
+def db_stop(spec: str) -> None:
+    """Stop the sweep's managed server (refused while a sweep runs on it)."""
+    from gridsearch.workspace import Workspace
+
+    sw, server = _managed(spec)
+    holder = Workspace(sw.workdir).holder()
+    if holder:
+        fail(f"{sw.workdir}: a sweep is running on this server (pid {holder}); stop it first", 1)
+    click.echo("stopped" if server.stop() else "not running")
+
+
+@db.command("status")
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True)
+@_pg_errors
+def db_status(spec: str, as_json: bool) -> None:
+    """Host, port, databases with their size, open connections."""
+    _, server = _managed(spec)
+    st = server.status()
+    if as_json:
+        click.echo(json.dumps(st, indent=1, default=str))
+        return
+    click.echo(f"{'running' if st['running'] else 'stopped'}: {st['host']}:{st['port']}"
+               + (f" pid {st['pid']}, {st.get('connections', 0)} connection(s)" if st["running"] else ""))
+    for d in st.get("databases", []):
+        size = d.get("size_bytes")
+        click.echo(f"  {d['name']}: {size / 1e6:.1f} MB" if size is not None else f"  {d['name']}")
+
+
+@db.command("url")
+@click.argument("spec", type=click.Path(dir_okay=False))
+@_pg_errors
+def db_url(spec: str) -> None:
+    """libpq URL of the sweep's ultrack database, without the password (set PGPASSWORD)."""
+    from gridsearch.pgbackend import db_name
+
+    sw, server = _managed(spec)
+    if not server.is_running():
+        fail(f"{sw.workdir}: the server is not running; `gridsearch db start {spec}`", 1)
+    click.echo(f"postgresql://{server.credentials().user}@{server.host}:{server.port}/{db_name(sw, 'main')}")
+
+
 def _isna(v: Any) -> bool:
     try:
         import pandas as pd

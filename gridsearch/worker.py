@@ -61,6 +61,27 @@ def prepare_ultrack() -> None:
     _PATCHED = True
 
 
+def _maybe_inject_failure(stage: Stage, batch: int | None) -> None:
+    """Fault injection for tests and drills: GRIDSEARCH_FAIL=stage[:batch][:once-file].
+
+    With a once-file, only the first task to create that file fails (a transient fault)."""
+    spec = os.environ.get("GRIDSEARCH_FAIL")
+    if not spec:
+        return
+    parts = spec.split(":")
+    if parts[0] != stage.label:
+        return
+    if len(parts) > 1 and parts[1] not in ("", "*") and batch is not None and int(parts[1]) != batch:
+        return
+    if len(parts) > 2:
+        try:
+            fd = os.open(parts[2], os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return
+        os.close(fd)
+    raise RuntimeError(f"injected failure in {stage.label} batch {batch}")
+
+
 def run_batch(
     stage: Stage, config_path: str | Path, batch: int | None, foreground: str, contours: str
 ) -> None:
@@ -68,6 +89,7 @@ def run_batch(
     movie's shape may hold one more batch than a movie whose last frames are empty needs."""
     import ultrack
 
+    _maybe_inject_failure(stage, batch)
     prepare_ultrack()
     cfg = load_config(config_path)
     if stage == Stage.SEGMENT:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,6 +23,43 @@ def movie(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from gridsearch.synth import generate_movie
 
     return generate_movie(tmp_path_factory.mktemp("movie"))
+
+
+@pytest.fixture(scope="session")
+def sqlite_reference(tmp_path_factory: pytest.TempPathFactory, movie: dict[str, Path]):  # type: ignore[no-untyped-def]
+    """The example grid on the embedded default, run once without interruption: the reference."""
+    from gridsearch import results
+    from gridsearch.engine import existing_ledger, run_sweep
+    from gridsearch.spec import load
+    from gridsearch.stages import Stage
+
+    d = tmp_path_factory.mktemp("ref")
+    spec = write_spec(d, movie, name="ref")
+    out = run_sweep(load(spec))
+    assert (out.completed, out.failed) == (12, 0)
+    assert out.stage_runs == {Stage.SEGMENT: 2, Stage.LINK: 4, Stage.SOLVE: 12}
+    with existing_ledger(load(spec)) as led:
+        df = results.table(load(spec), led)
+    return spec, df
+
+
+@pytest.fixture
+def open_tmp() -> Iterator[Path]:
+    """A temp dir the `postgres` OS user can traverse (pytest's own are 0700 under root)."""
+    d = Path(tempfile.mkdtemp(prefix="gs-test-", dir="/tmp"))
+    d.chmod(0o711)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def pg_available() -> bool:
+    from gridsearch.postgres import PostgresError, find_binaries
+
+    try:
+        find_binaries()
+    except PostgresError:
+        return False
+    return True
 
 
 def write_spec(

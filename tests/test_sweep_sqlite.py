@@ -23,16 +23,8 @@ from gridsearch.stages import Stage
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory, movie: dict[str, Path]) -> tuple[Path, pd.DataFrame]:
-    """The example grid, run once without interruption."""
-    d = tmp_path_factory.mktemp("ref")
-    spec = write_spec(d, movie, name="ref")
-    out = run_sweep(load(spec))
-    assert (out.completed, out.failed) == (12, 0)
-    assert out.stage_runs == {Stage.SEGMENT: 2, Stage.LINK: 4, Stage.SOLVE: 12}
-    with existing_ledger(load(spec)) as led:
-        df = results.table(load(spec), led)
-    return spec, df
+def reference(sqlite_reference: tuple[Path, pd.DataFrame]) -> tuple[Path, pd.DataFrame]:
+    return sqlite_reference
 
 
 def _done_runs(spec: Path) -> pd.DataFrame:

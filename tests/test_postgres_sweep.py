@@ -1,0 +1,134 @@
+"""The sweep on a real PostgreSQL server managed by gridsearch, with parallel worker processes."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import comparable, pg_available, write_spec
+
+from gridsearch import results
+from gridsearch.engine import existing_ledger
+from gridsearch.pgbackend import managed_server
+from gridsearch.spec import load
+from gridsearch.workspace import Workspace
+
+pytestmark = [pytest.mark.postgres,
+              pytest.mark.skipif(not pg_available(), reason="PostgreSQL binaries not installed")]
+
+PG = """
+database: {kind: postgresql, managed: true}
+executor: {kind: local, workers: 2}
+"""
+
+
+def _server(spec: Path):  # type: ignore[no-untyped-def]
+    sw = load(spec)
+    return managed_server(sw, Workspace(sw.workdir))
+
+
+def _sweep(spec: Path, env: dict[str, str] | None = None, **kw) -> subprocess.Popen:  # type: ignore[no-untyped-def]
+    return subprocess.Popen([sys.executable, "-m", "gridsearch.cli", "sweep", "-q", str(spec)],
+                            env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def _cmdlines() -> list[bytes]:
+    out = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                out.append(Path(f"/proc/{pid}/cmdline").read_bytes())
+            except OSError:
+                pass
+    return out
+
+
+def test_parallel_postgres_matches_sqlite_and_hides_the_password(
+    open_tmp: Path, movie: dict[str, Path], sqlite_reference: tuple[Path, pd.DataFrame]
+) -> None:
+    _, ref = sqlite_reference
+    spec = write_spec(open_tmp, movie, name="pg", extra=PG)
+    password = "pw-" + secrets.token_hex(12)
+    proc = _sweep(spec, {"ULTRACK_DB_PW": password})
+    seen_workers = False
+    while proc.poll() is None:
+        lines = _cmdlines()
+        assert not any(password.encode() in c for c in lines)
+        seen_workers |= sum(b"gridsearch.worker" in c for c in lines) >= 2
+        time.sleep(0.2)
+    out, err = proc.communicate()
+    assert proc.returncode == 0, err
+    assert seen_workers, "never saw two worker processes"
+    # the password is nowhere in the workdir: configs, logs, ledger, server files
+    for f in load(spec).workdir.rglob("*"):
+        if f.is_file():
+            assert password.encode() not in f.read_bytes(), f
+    assert password not in out + err
+    # same results as SQLite, every figure
+    with existing_ledger(load(spec)) as led:
+        assert led is not None
+        df = results.table(load(spec), led)
+        runs = pd.DataFrame(led.stage_runs())
+    pd.testing.assert_frame_equal(comparable(df), comparable(ref))
+    # batches really ran in parallel phases: link has one batch per frame pair
+    assert set(runs[runs.stage == "link"].batches_total) == {9}
+    assert not _server(spec).is_running(), "the managed server outlived the sweep"
+
+
+def test_server_stopped_after_failure_and_after_sigterm(open_tmp: Path, movie: dict[str, Path]) -> None:
+    spec = write_spec(open_tmp, movie, name="pgfail", extra=PG,
+                      grid="grid:\n  tracking.appear_weight: [-0.1, -0.5]\n")
+    proc = _sweep(spec, {"GRIDSEARCH_FAIL": "link:3"})
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, err
+    assert not _server(spec).is_running()
+    with existing_ledger(load(spec)) as led:
+        df = results.table(load(spec), led)
+    assert set(df.state) == {"failed"}
+    assert df.error.str.contains("injected failure in link batch 3").all()
+    assert df.error.str.contains("worker-").all()  # names the log file
+
+    # SIGTERM to the driver mid-stage: server stopped, and the next sweep completes
+    proc = _sweep(spec)
+    server = _server(spec)
+    deadline = time.time() + 120
+    while time.time() < deadline and not server.is_running():
+        time.sleep(0.1)
+    time.sleep(3)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert not server.is_running()
+    proc = _sweep(spec)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert not server.is_running()
+
+
+def test_db_start_server_is_reused_and_left_up(open_tmp: Path, movie: dict[str, Path]) -> None:
+    spec = write_spec(open_tmp, movie, name="pgkeep", extra=PG,
+                      grid="grid:\n  tracking.appear_weight: [-0.1]\n")
+    cli = [sys.executable, "-m", "gridsearch.cli"]
+    r = subprocess.run([*cli, "db", "start", str(spec)], capture_output=True, text=True)
+    assert r.returncode == 0 and "started" in r.stdout, r.stderr
+    try:
+        server = _server(spec)
+        pid = server.pid()
+        r = subprocess.run([*cli, "sweep", "-q", str(spec)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        assert server.is_running() and server.pid() == pid
+        st = subprocess.run([*cli, "db", "status", str(spec)], capture_output=True, text=True).stdout
+        assert f":{server.port}" in st and "gs_pgkeep_main" in st and "MB" in st
+        url = subprocess.run([*cli, "db", "url", str(spec)], capture_output=True, text=True).stdout
+        assert url.startswith("postgresql://gridsearch@") and "gs_pgkeep_main" in url
+    finally:
+        subprocess.run([*cli, "db", "stop", str(spec)], capture_output=True, text=True)
+    assert not _server(spec).is_running()
