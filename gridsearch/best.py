@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import toml
 
@@ -22,8 +22,8 @@ def _ranked(df: pd.DataFrame, objective: str) -> pd.DataFrame:
         raise ValueError(f"no column {objective!r} in the results table: nothing to rank by")
     done = df[df["state"] == "done"] if "state" in df.columns else df
     values = pd.to_numeric(done[objective], errors="coerce").astype(float)
-    keep = values.map(math.isfinite)
-    ranked = done[keep].assign(_value=values[keep])
+    keep = np.isfinite(values.to_numpy(dtype=float))
+    ranked = done.loc[keep].assign(_value=values.loc[keep])
     return ranked.sort_values(["_value", "number"], ascending=[False, True], kind="mergesort")
 
 

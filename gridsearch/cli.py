@@ -48,7 +48,8 @@ def main() -> None:
 
 @main.command()
 @click.argument("spec", type=click.Path(dir_okay=False))
-@click.option("--restart", is_flag=True, help="Archive earlier results and start over (base config or data changed).")
+@click.option("--restart", is_flag=True,
+              help="Archive earlier results and start over (base config or data changed).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress display.")
 def sweep(spec: str, restart: bool, quiet: bool) -> None:
     """Run the sweep, or resume it where it stopped."""
@@ -146,12 +147,14 @@ def status(spec: str, as_json: bool) -> None:
         click.echo(json.dumps(doc, indent=1))
         return
     c = _console()
-    c.print(f"[bold]{sw.name}[/] in {sw.workdir}: " + ("driver running, pid %s" % holder if holder else "no driver running"))
+    driver = f"driver running, pid {holder}" if holder else "no driver running"
+    c.print(f"[bold]{sw.name}[/] in {sw.workdir}: {driver}")
     c.print("trials: " + ", ".join(f"{k} {v}" for k, v in by_state.items()))
     for stage, states in runs.items():
         c.print(f"  {stage}: " + (", ".join(f"{k} {v}" for k, v in sorted(states.items())) or "none"))
     for r in doc["running"]:
-        c.print(f"  running: trial {r['trial_key']} {r['stage']} batch {r['batches_done']}/{r['batches_total']}")
+        c.print(f"  running: trial {r['trial_key']} {r['stage']} "
+                f"batch {r['batches_done']}/{r['batches_total']}")
 
 
 @main.command()
@@ -182,11 +185,14 @@ def results(spec: str, output: str | None, sort_by: str | None, top: int | None)
             fail(str(e))
         click.echo(f"{len(df)} rows written to {output}")
         return
-    show = [c for c in df.columns if c not in ("config", "tracks_csv", "started", "finished", "ultrack",
-                                                "gridsearch", "optuna_trial", "error")]
-    t = Table()
+    hidden = {"number", "config", "tracks_csv", "started", "finished", "ultrack", "gridsearch",
+              "optuna_trial", "error", "Valid", "appearances", "disappearances"}
+    show = [c for c in df.columns if c not in hidden and not c.startswith("AOGM")]
+    t = Table(caption=f"objective: {sw.objective}; every column: -o FILE")
     for col in show:
-        t.add_column(col, overflow="fold")
+        # on screen, a swept key's section is implied by the stage columns
+        t.add_column(col.split(".", 1)[1] if col in sw.grid_keys else col, overflow="fold",
+                     no_wrap=col == "trial")
     for _, row in df[show].iterrows():
         t.add_row(*("" if _isna(v) else (f"{v:.3f}" if isinstance(v, float) else str(v)) for v in row))
     _console().print(t)

@@ -22,6 +22,7 @@ from gridsearch.progress import Reporter, Silent
 from gridsearch.spec import SpecError, Sweep, Trial
 from gridsearch.stages import Stage, earliest_changed_stage
 from gridsearch.ultrackdb import UltrackDB, stage_phases
+from gridsearch.worker import fd_redirect
 from gridsearch.workspace import Workspace
 
 MAIN_DB = "main"
@@ -220,10 +221,11 @@ def _run_plan(
                     if s >= first
                 ]
                 executor.run(jobs, events)
-            figures, metrics = results.export_trial(
-                config_path, tdir, sweep.shape[0], sweep.file.data.ground_truth,
-                sweep.file.keep_label_images,
-            )
+            with fd_redirect(ws.logs / "ultrack.log"):
+                figures, metrics = results.export_trial(
+                    config_path, tdir, sweep.shape[0], sweep.file.data.ground_truth,
+                    sweep.file.keep_label_images,
+                )
         except StageFailed as e:
             for stage, run_id in events.runs.items():
                 if stage not in events.walls:

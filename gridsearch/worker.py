@@ -6,16 +6,39 @@ ultrack import per worker, not per batch), and as the body of a SLURM array task
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
 import traceback
+from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from gridsearch.stages import Stage
+
+
+@contextlib.contextmanager
+def fd_redirect(log: Path) -> Iterator[None]:
+    """ultrack, tqdm and the CBC solver write to fds 1 and 2 directly: send both to the log."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    log.parent.mkdir(parents=True, exist_ok=True)
+    saved = os.dup(1), os.dup(2)
+    with open(log, "ab") as f:
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
 
 
 @lru_cache(maxsize=4)

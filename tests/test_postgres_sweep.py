@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
@@ -44,10 +45,8 @@ def _cmdlines() -> list[bytes]:
     out = []
     for pid in os.listdir("/proc"):
         if pid.isdigit():
-            try:
+            with contextlib.suppress(OSError):
                 out.append(Path(f"/proc/{pid}/cmdline").read_bytes())
-            except OSError:
-                pass
     return out
 
 
@@ -87,7 +86,7 @@ def test_server_stopped_after_failure_and_after_sigterm(open_tmp: Path, movie: d
     spec = write_spec(open_tmp, movie, name="pgfail", extra=PG,
                       grid="grid:\n  tracking.appear_weight: [-0.1, -0.5]\n")
     proc = _sweep(spec, {"GRIDSEARCH_FAIL": "link:3"})
-    out, err = proc.communicate(timeout=300)
+    _, err = proc.communicate(timeout=300)
     assert proc.returncode == 1, err
     assert not _server(spec).is_running()
     with existing_ledger(load(spec)) as led:
@@ -108,7 +107,7 @@ def test_server_stopped_after_failure_and_after_sigterm(open_tmp: Path, movie: d
     assert proc.returncode != 0
     assert not server.is_running()
     proc = _sweep(spec)
-    out, err = proc.communicate(timeout=300)
+    _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     assert not server.is_running()
 

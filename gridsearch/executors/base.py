@@ -46,5 +46,5 @@ class Executor(abc.ABC):
     def run(self, jobs: Sequence[StageJob], events: Events) -> None:
         """Run every job in order; raise StageFailed at the first failure, after stopping the rest."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (optional hook)
         """Release workers; called once when the sweep ends (also on errors and signals)."""

@@ -12,12 +12,12 @@ import selectors
 import subprocess
 import sys
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
 from gridsearch.executors.base import Events, Executor, StageFailed, StageJob
-from gridsearch.worker import run_batch
+from gridsearch.worker import fd_redirect, run_batch
 
 
 def tail(path: Path, lines: int = 8) -> str:
@@ -29,27 +29,6 @@ def tail(path: Path, lines: int = 8) -> str:
     except OSError:
         return ""
     return "\n".join(text.splitlines()[-lines:])
-
-
-@contextlib.contextmanager
-def fd_redirect(log: Path) -> Iterator[None]:
-    """ultrack, tqdm and the CBC solver write to fds 1 and 2 directly: send both to the log."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    log.parent.mkdir(parents=True, exist_ok=True)
-    saved = os.dup(1), os.dup(2)
-    with open(log, "ab") as f:
-        os.dup2(f.fileno(), 1)
-        os.dup2(f.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            os.close(saved[0])
-            os.close(saved[1])
 
 
 class InProcessExecutor(Executor):
@@ -80,7 +59,7 @@ class _Worker:
     def __init__(self, idx: int, env: dict[str, str], log: Path) -> None:
         log.parent.mkdir(parents=True, exist_ok=True)
         self.log = log
-        self._logf: IO[bytes] = open(log, "ab")
+        self._logf: IO[bytes] = open(log, "ab")  # noqa: SIM115 (lives as long as the worker)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gridsearch.worker", "--serve"],
             stdin=subprocess.PIPE,
