@@ -40,7 +40,24 @@ def _load(spec: str) -> Sweep:
         raise  # unreachable
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Group(click.Group):
+    """Environment failures (a server down, a wrong password) end in one line, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        import sqlalchemy.exc
+
+        from gridsearch.postgres import PostgresError
+
+        try:
+            return super().invoke(ctx)
+        except PostgresError as e:
+            fail(str(e), 1)
+        except sqlalchemy.exc.OperationalError as e:
+            reason = str(e.orig if e.orig is not None else e).strip().splitlines()[0]
+            fail(f"database error: {reason}", 1)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="gridsearch")
 def main() -> None:
     """Parameter grid search for the Ultrack cell tracker."""

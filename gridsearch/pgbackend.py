@@ -15,6 +15,7 @@ from gridsearch.postgres import (
     ExternalServer,
     ManagedServer,
     PostgresServer,
+    connect,
     libpq_env,
     running,
     ultrack_address,
@@ -74,6 +75,7 @@ def open_postgres(sweep: Sweep, ws: Workspace, read_only: bool = False) -> Itera
             # and ours); creating databases may not be allowed there.
             state_db = main_db = sweep.database.dbname or "postgres"
         creds = server.credentials()
+        connect(creds, state_db).close()  # unreachable, wrong password: one line, before any work
         env = stack.enter_context(_libpq_env(creds))
         url = f"postgresql+psycopg2://{creds.user}@{creds.host}:{creds.port}/{state_db}"
         kwargs = {"connect_args": {"password": creds.password}} if creds.password else {}

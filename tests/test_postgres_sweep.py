@@ -131,3 +131,28 @@ def test_db_start_server_is_reused_and_left_up(open_tmp: Path, movie: dict[str, 
     finally:
         subprocess.run([*cli, "db", "stop", str(spec)], capture_output=True, text=True)
     assert not _server(spec).is_running()
+
+
+def test_unreachable_server_and_wrong_password_are_one_line(open_tmp: Path, movie: dict[str, Path]) -> None:
+    from gridsearch.postgres import ManagedServer, free_port
+
+    port = free_port()
+    spec = write_spec(open_tmp, movie, name="ext", grid="grid:\n  tracking.appear_weight: [-0.1]\n",
+                      extra=f"database: {{kind: postgresql, host: 127.0.0.1, port: {port}, user: gridsearch,"
+                            " dbname: postgres}\nexecutor: {kind: local, workers: 2}\n")
+    cli = [sys.executable, "-m", "gridsearch.cli", "sweep", "-q", str(spec)]
+    r = subprocess.run(cli, capture_output=True, text=True)
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert f"127.0.0.1:{port}" in r.stderr and "refused" in r.stderr
+
+    server = ManagedServer(open_tmp / "srv", port=port)
+    server.start()
+    try:
+        server.credentials()  # sets the role's password to a random one we do not pass on
+        r = subprocess.run(cli, capture_output=True, text=True,
+                           env={**os.environ, "ULTRACK_DB_PW": "definitely-wrong"})
+        assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert f"127.0.0.1:{port}" in r.stderr and "password authentication failed" in r.stderr
+        assert "definitely-wrong" not in r.stderr
+    finally:
+        server.stop()

@@ -125,7 +125,7 @@ def _running_stage(state_db: Path) -> tuple[str, int] | None:
             done = c.execute("select count(*) from gs_stage_run where state='done'").fetchone()[0]
     except sqlite3.Error:
         return None
-    return (row[0], done) if row and row[1] >= 1 and done >= 3 else None
+    return (row[0], done) if row and done >= 3 else None
 
 
 @pytest.mark.parametrize("victim", ["link", "segment"])
@@ -142,6 +142,7 @@ def test_kill_9_mid_stage_then_resume_gives_identical_results(
     while time.time() < deadline and proc.poll() is None:
         got = _running_stage(state_db)
         if got and got[0] == victim:
+            time.sleep(0.1)  # into the stage's work, past its ledger entry and the clear
             os.kill(proc.pid, signal.SIGKILL)
             killed_in = got
             break
