@@ -77,12 +77,12 @@ def archive(ws: Workspace) -> Path | None:
     return dest
 
 
-def make_executor(sweep: Sweep, ws: Workspace, backend: Backend) -> Executor:
+def make_executor(sweep: Sweep, ws: Workspace, backend: Backend, ledger: Ledger) -> Executor:
     ex = sweep.executor
     if ex.kind == "slurm":
         from gridsearch.executors.slurm import SlurmExecutor
 
-        return SlurmExecutor(sweep, ws, backend)
+        return SlurmExecutor(sweep, ws, backend, ledger)
     if ex.workers == 1 and backend.kind == "sqlite":
         from gridsearch.executors.local import InProcessExecutor
 
@@ -165,7 +165,7 @@ def run_sweep(sweep: Sweep, *, restart: bool = False, reporter: Reporter | None 
                     rep.message(f"{n} interrupted stage run(s) found: their results will be recomputed")
                 plan = plan_for(sweep, ledger)
                 db = backend.ultrack_db(MAIN_DB)
-                executor = make_executor(sweep, ws, backend)
+                executor = make_executor(sweep, ws, backend, ledger)
                 rep.sweep_started(plan)
                 try:
                     outcome = _run_plan(sweep, ws, plan, ledger, db, executor, rep)
@@ -203,7 +203,8 @@ def _run_plan(
         try:
             if first is not None:
                 ledger.invalidate(db.name, first)
-                db.clear(first)
+                if not executor.reattach(trial.key, first):  # live jobs of a killed driver: keep
+                    db.clear(first)
                 jobs = [
                     StageJob(
                         s,

@@ -37,11 +37,14 @@ def export_trial(
     moves on to the next trial."""
     from ultrack.core.export.tracks_layer import to_tracks_layer
 
-    from gridsearch.worker import load_config, prepare_ultrack
+    from gridsearch.worker import load_config, prepare_ultrack, release_connections
 
     prepare_ultrack()
     cfg = load_config(config_path)
-    tracks, _graph = to_tracks_layer(cfg)
+    try:
+        tracks, _graph = to_tracks_layer(cfg)
+    finally:
+        release_connections()
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / "tracks.csv.tmp"
     tracks.to_csv(tmp, index=False)
@@ -65,7 +68,12 @@ def score_ctc(cfg: Any, ctc_dir: Path, gt: Path, keep_label_images: bool, empty:
         ctc_dir.mkdir(parents=True)
         (ctc_dir / "res_track.txt").write_text("")
     else:
-        to_ctc(ctc_dir, cfg, overwrite=True)
+        from gridsearch.worker import release_connections
+
+        try:
+            to_ctc(ctc_dir, cfg, overwrite=True)
+        finally:
+            release_connections()
     scores = m.score(ctc_dir, gt)
     if not keep_label_images:
         for f in ctc_dir.glob("mask*.tif"):

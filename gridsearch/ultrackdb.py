@@ -52,6 +52,14 @@ class UltrackDB:
 
     def clear(self, stage: Stage) -> None:
         """What `ultrack clear_database` does for the stage, with ultrack's own functions."""
+        from gridsearch.worker import release_connections
+
+        try:
+            self._clear(stage)
+        finally:
+            release_connections()
+
+    def _clear(self, stage: Stage) -> None:
         from ultrack.core.database import Base, clear_all_data
         from ultrack.core.linking.utils import clear_linking_data
         from ultrack.core.solve.sqltracking import SQLTracking

@@ -61,27 +61,34 @@ def load_config(path: str | Path) -> Any:
 
 
 _PATCHED = False
+_ENGINES: list[Any] = []
 
 
 def prepare_ultrack() -> None:
     """ultrack creates a pooled engine per call and never disposes it: against PostgreSQL every call
     would leave connections open until garbage collection, and a few workers exhaust the server's
-    slots. Without a pool each connection closes when its session ends."""
+    slots. Engines made during a batch are remembered and disposed when the batch ends, so a batch
+    reuses its connections (SCRAM authentication per connect is not free) and leaves none behind."""
     global _PATCHED
     if _PATCHED:
         return
     import sqlalchemy
-    from sqlalchemy.pool import NullPool
 
     original = sqlalchemy.create_engine
 
     def create_engine(url: Any, *args: Any, **kwargs: Any) -> Any:
+        engine = original(url, *args, **kwargs)
         if not str(url).startswith("sqlite"):
-            kwargs.setdefault("poolclass", NullPool)
-        return original(url, *args, **kwargs)
+            _ENGINES.append(engine)
+        return engine
 
     sqlalchemy.create_engine = create_engine  # ultrack calls it as `sqla.create_engine`
     _PATCHED = True
+
+
+def release_connections() -> None:
+    while _ENGINES:
+        _ENGINES.pop().dispose()
 
 
 def _maybe_inject_failure(stage: Stage, batch: int | None) -> None:
@@ -110,10 +117,17 @@ def run_batch(
 ) -> None:
     """batch None: the whole stage. Out-of-range link indices are a no-op: an array sized from the
     movie's shape may hold one more batch than a movie whose last frames are empty needs."""
-    import ultrack
-
     _maybe_inject_failure(stage, batch)
     prepare_ultrack()
+    try:
+        _run(stage, config_path, batch, foreground, contours)
+    finally:
+        release_connections()
+
+
+def _run(stage: Stage, config_path: str | Path, batch: int | None, foreground: str, contours: str) -> None:
+    import ultrack
+
     cfg = load_config(config_path)
     if stage == Stage.SEGMENT:
         ultrack.segment(_array(foreground), _array(contours), cfg, batch_index=batch)

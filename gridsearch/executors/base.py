@@ -46,5 +46,10 @@ class Executor(abc.ABC):
     def run(self, jobs: Sequence[StageJob], events: Events) -> None:
         """Run every job in order; raise StageFailed at the first failure, after stopping the rest."""
 
+    def reattach(self, trial_key: str, first: Stage) -> bool:
+        """True: jobs a previous driver submitted for this trial (from `first` on) still run and
+        this executor will wait for them, so the engine must not clear the database under them."""
+        return False
+
     def close(self) -> None:  # noqa: B027 (optional hook)
         """Release workers; called once when the sweep ends (also on errors and signals)."""

@@ -1,0 +1,89 @@
+"""The ledger's record of submitted SLURM arrays, written the moment sbatch returns, so that a driver
+killed at any instant can re-attach to its jobs instead of submitting them again.
+
+Row states: active (the trial's run still owns it), closed (the run ended: never re-attach),
+cancelled (`gridsearch cancel`: a running driver stops, the next sweep starts those stages over)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+
+_md = sa.MetaData()
+
+slurm_job_t = sa.Table(
+    "gs_slurm_job",
+    _md,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("trial_key", sa.String(32), nullable=False, index=True),
+    sa.Column("stage", sa.String(16), nullable=False),  # segment | link | solve | server
+    sa.Column("phase", sa.Integer, nullable=False),
+    sa.Column("job_id", sa.String(32), nullable=False),
+    sa.Column("indices", sa.Text, nullable=False),  # batch indices, compact ranges
+    sa.Column("offset", sa.Integer, nullable=False, default=0),  # batch = array index + offset
+    sa.Column("attempt", sa.Integer, nullable=False, default=0),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("submitted_at", sa.Float, nullable=False),
+)
+
+
+@dataclass
+class JobRow:
+    id: int
+    trial_key: str
+    stage: str
+    phase: int
+    job_id: str
+    indices: str
+    offset: int
+    attempt: int
+    state: str
+    submitted_at: float
+
+
+class JobStore:
+    def __init__(self, engine: sa.Engine) -> None:
+        self.engine = engine
+        _md.create_all(engine)
+
+    def add(self, trial_key: str, stage: str, phase: int, job_id: str, indices: str, offset: int,
+            attempt: int) -> int:
+        with self.engine.begin() as c:
+            r = c.execute(slurm_job_t.insert().values(
+                trial_key=trial_key, stage=stage, phase=phase, job_id=job_id, indices=indices,
+                offset=offset, attempt=attempt, state="active", submitted_at=time.time()))
+            return int(r.inserted_primary_key[0])
+
+    def rows(self, trial_key: str | None = None, state: str | None = None) -> list[JobRow]:
+        q = sa.select(slurm_job_t).order_by(slurm_job_t.c.id)
+        if trial_key is not None:
+            q = q.where(slurm_job_t.c.trial_key == trial_key)
+        if state is not None:
+            q = q.where(slurm_job_t.c.state == state)
+        with self.engine.connect() as c:
+            return [JobRow(**dict(r)) for r in c.execute(q).mappings()]
+
+    def set_state(self, ids: list[int], state: str) -> None:
+        if ids:
+            with self.engine.begin() as c:
+                c.execute(slurm_job_t.update().where(slurm_job_t.c.id.in_(ids)).values(state=state))
+
+    def close_trial(self, trial_key: str) -> None:
+        with self.engine.begin() as c:
+            c.execute(slurm_job_t.update().where(slurm_job_t.c.trial_key == trial_key,
+                                                 slurm_job_t.c.state == "active").values(state="closed"))
+
+    def cancelled(self, ids: list[int]) -> bool:
+        if not ids:
+            return False
+        with self.engine.connect() as c:
+            return c.execute(sa.select(sa.func.count()).where(
+                slurm_job_t.c.id.in_(ids), slurm_job_t.c.state == "cancelled")).scalar_one() > 0
+
+    def mark_all_cancelled(self) -> int:
+        with self.engine.begin() as c:
+            r = c.execute(slurm_job_t.update().where(slurm_job_t.c.state == "active")
+                          .values(state="cancelled"))
+            return r.rowcount or 0
