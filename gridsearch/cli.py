@@ -55,6 +55,17 @@ class _Group(click.Group):
         except sqlalchemy.exc.OperationalError as e:
             reason = str(e.orig if e.orig is not None else e).strip().splitlines()[0]
             fail(f"database error: {reason}", 1)
+        except (click.exceptions.Exit, click.ClickException, SystemExit, KeyboardInterrupt):
+            raise
+        except Exception as e:  # a bug: one line for the user, the traceback kept for the report
+            import tempfile
+            import traceback
+
+            fd, path = tempfile.mkstemp(prefix="gridsearch-crash-", suffix=".log")
+            with os.fdopen(fd, "w") as f:
+                f.write(traceback.format_exc())
+            first = (str(e).strip().splitlines() or [""])[0]
+            fail(f"internal error: {type(e).__name__}: {first} (traceback in {path})", 1)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -213,6 +224,78 @@ def results(spec: str, output: str | None, sort_by: str | None, top: int | None)
     for _, row in df[show].iterrows():
         t.add_row(*("" if _isna(v) else (f"{v:.3f}" if isinstance(v, float) else str(v)) for v in row))
     _console().print(t)
+
+
+def _table(sw: Sweep, spec: str) -> Any:
+    from gridsearch import results as res
+    from gridsearch.engine import existing_ledger
+
+    with existing_ledger(sw) as led:
+        if led is None:
+            fail(f"{sw.workdir}: no sweep state yet; run `gridsearch sweep {spec}` first", 1)
+        return res.table(sw, led)
+
+
+@main.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the config.toml here.")
+@click.option("--objective", help="Rank by this column instead of the sweep's objective.")
+def best(spec: str, output: str | None, objective: str | None) -> None:
+    """The best trial's complete ultrack config, ready for the full dataset, and why it won."""
+    from gridsearch.best import best_config_toml, best_trial, why
+
+    sw = _load(spec)
+    df = _table(sw, spec)
+    obj = objective or sw.objective
+    try:
+        row = best_trial(df, obj)
+        text = best_config_toml(row)
+    except ValueError as e:
+        fail(str(e), 1)
+    if output:
+        Path(output).write_text(text)
+    else:
+        click.echo(text)
+    click.echo(why(row, df, obj, sw.grid_keys), err=bool(not output))
+
+
+@main.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", "out_dir", type=click.Path(file_okay=False), required=True)
+@click.option("--objective", help="Plot this column instead of the sweep's objective.")
+def plot(spec: str, out_dir: str, objective: str | None) -> None:
+    """PNG plots: objective per parameter, heat maps, importance, stage times."""
+    from gridsearch import results as res
+    from gridsearch.engine import existing_ledger
+    from gridsearch.plots import plot_all
+
+    sw = _load(spec)
+    with existing_ledger(sw) as led:
+        if led is None:
+            fail(f"{sw.workdir}: no sweep state yet; run `gridsearch sweep {spec}` first", 1)
+        df = res.table(sw, led)
+        files = plot_all(df, led.study, sw.grid_keys, objective or sw.objective, Path(out_dir))
+    for f in files:
+        click.echo(str(f))
+
+
+@main.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--port", type=int, default=8080, show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True)
+def dashboard(spec: str, port: int, host: str) -> None:
+    """optuna-dashboard on the sweep's study (pip install 'gridsearch[dashboard]')."""
+    from gridsearch.dashboard import DashboardMissing, launch
+    from gridsearch.engine import existing_ledger
+
+    sw = _load(spec)
+    with existing_ledger(sw) as led:
+        if led is None:
+            fail(f"{sw.workdir}: no sweep state yet; run `gridsearch sweep {spec}` first", 1)
+        try:
+            launch(led.storage, port=port, host=host)
+        except DashboardMissing as e:
+            fail(str(e), 1)
 
 
 @main.group()

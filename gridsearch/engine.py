@@ -227,12 +227,13 @@ def _run_plan(
                     config_path, tdir, sweep.shape[0], sweep.file.data.ground_truth,
                     sweep.file.keep_label_images,
                 )
-        except StageFailed as e:
+        except Exception as e:  # a stage, the clear or the export failed: this trial, not the sweep
+            reason = str(e) if isinstance(e, StageFailed) else _one_line(e)
             for stage, run_id in events.runs.items():
                 if stage not in events.walls:
-                    ledger.fail_stage(run_id, str(e))
-            ledger.fail_trial(number, str(e))
-            rep.trial_finished(trial, False, str(e))
+                    ledger.fail_stage(run_id, reason)
+            ledger.fail_trial(number, reason)
+            rep.trial_finished(trial, False, reason)
             failed += 1
             continue
         finally:
@@ -253,3 +254,8 @@ def _run_plan(
         rep.trial_finished(trial, True, "")
         completed += 1
     return Outcome(completed, failed, len(plan.trials) - len(pending), runs, 0.0)
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__

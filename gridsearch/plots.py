@@ -22,7 +22,8 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 DPI = 110
-BARS_UP_TO = 300  # trials; beyond, stage times are drawn as stacked step areas
+FANOVA_MAX_TRIALS = 1000
+BARS_UP_TO = 300  # trials; beyond, stage times are drawn as cumulative stacked areas
 _STAGE_COLORS = {"segment_s": "#4c72b0", "link_s": "#dd8452", "solve_s": "#55a868"}
 
 
@@ -118,9 +119,9 @@ def _jitter(ax_spec: _Axis, x: np.ndarray) -> np.ndarray:
     """Deterministic spread, centred on each value, so trials sharing a value stay visible."""
     if len(x) == 0:
         return x
-    rank = pd.Series(x).groupby(x).cumcount().to_numpy()
     size = pd.Series(x).groupby(x).transform("size").to_numpy()
-    offs = np.where(size > 1, rank / np.maximum(size - 1, 1) * 2 - 1, 0.0)  # -1 .. 1 per group
+    # seeded, not by row order: grid order would draw each column as a slanted line
+    offs = np.where(size > 1, np.random.default_rng(0).uniform(-1, 1, len(x)), 0.0)
     if not ax_spec.numeric:
         return x + offs * 0.15
     if ax_spec.log:
@@ -198,8 +199,7 @@ def plot_heatmap(df: pd.DataFrame, a: str, b: str, objective: str, out: Path) ->
     w = max(3.5, cw * len(sa.levels) + 1.5)
     h = max(3.0, cw * len(sb.levels) + 1.5)
     fig, axes = plt.subplots(1, 2, figsize=(2 * w + 1, h), constrained_layout=True)
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("#dddddd")
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#dddddd")  # grey: no trial in that cell
     annotate = len(sa.levels) * len(sb.levels) <= 400
     im = None
     for ax, (agg, m) in zip(axes, grids.items(), strict=True):
@@ -229,20 +229,32 @@ def _optuna_importance(
     study: optuna.Study | None, done: pd.DataFrame, keys: Sequence[str]
 ) -> tuple[dict[str, float], str]:
     """optuna's evaluator on exactly the trials the table calls completed (the study may hold
-    retried or out-of-grid trials, and -inf values that an evaluator cannot rank)."""
+    retried or out-of-grid trials, and -inf values an evaluator cannot rank), each valued by the
+    table's `objective` column, which need not be the one the study recorded."""
     import optuna
 
     if study is None:
         raise ValueError("no optuna study given")
-    wanted = set(done["trial"])
+    y = dict(zip(done["trial"], done["_y"], strict=True))
+    latest: dict[str, optuna.trial.FrozenTrial] = {}
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        key = t.user_attrs.get("key")
+        if key in y and all(k in t.params for k in keys):
+            latest[key] = t
     trials = [
-        t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-        if t.user_attrs.get("key") in wanted
-        and t.value is not None and math.isfinite(t.value)
-        and all(k in t.params for k in keys)
+        optuna.trial.create_trial(
+            params={k: t.params[k] for k in keys},
+            distributions={k: t.distributions[k] for k in keys},
+            value=float(y[key]),
+        )
+        for key, t in latest.items()
     ]
     if len(trials) < 2:
         raise ValueError(f"{len(trials)} usable optuna trial(s)")
+    used = len(trials)
+    if used > FANOVA_MAX_TRIALS:  # fANOVA grows fast (tens of seconds on 10,000): a seeded sample
+        pick = np.random.default_rng(0).choice(used, FANOVA_MAX_TRIALS, replace=False)
+        trials = [trials[i] for i in sorted(pick)]
     copy = optuna.create_study(direction="maximize")
     copy.add_trials(trials)
     # fANOVA splits the objective's variance between parameters, which is what a grid asks; the
@@ -252,7 +264,8 @@ def _optuna_importance(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         imp = optuna.importance.get_param_importances(copy, evaluator=evaluator, params=list(keys))
-    return {k: float(v) for k, v in imp.items()}, f"optuna fANOVA on {len(trials)} trials"
+    sample = f" (a seeded sample of {used})" if used > len(trials) else ""
+    return {k: float(v) for k, v in imp.items()}, f"optuna fANOVA on {len(trials)} trials{sample}"
 
 
 def variance_importance(done: pd.DataFrame, keys: Sequence[str]) -> dict[str, float]:
@@ -331,22 +344,25 @@ def plot_stage_times(df: pd.DataFrame, out: Path) -> Path:
     )
     x = np.arange(n)
     bottom = np.zeros(n)
+    many = n > BARS_UP_TO  # bars would be sub-pixel (and 30,000 patches took 45 s): cumulative areas
     for c in cols:
         v = pd.to_numeric(runs[c], errors="coerce").fillna(0.0).to_numpy(dtype=float)
         color, label = _STAGE_COLORS.get(c), c.removesuffix("_s")
-        if n <= BARS_UP_TO:
+        if many:
+            v = np.cumsum(v)
+            ax.fill_between(x, bottom, bottom + v, linewidth=0, color=color, label=label)
+        else:
             ax.bar(x, v, bottom=bottom, width=0.85, linewidth=0, color=color, label=label)
-        else:  # one polygon per stage: 30,000 bar patches took 45 s to draw
-            ax.fill_between(x, bottom, bottom + v, step="mid", linewidth=0, color=color, label=label)
         bottom += v
     if n == 0:
         ax.text(0.5, 0.5, "no stage has run yet", ha="center", va="center", transform=ax.transAxes)
     elif n <= 60:
         ax.set_xticks(x, runs["trial"].astype(str), rotation=90, fontsize=7, family="monospace")
     ax.set_xlabel("trials in run order" + ("" if n <= 60 else f" ({n})"))
-    ax.set_ylabel("wall seconds")
-    ax.set_title("Stage time per trial (no bar = stage result reused)", fontsize=10)
-    ax.legend(fontsize=8)
+    ax.set_ylabel("cumulative wall seconds" if many else "wall seconds")
+    ax.set_title("Stage time, cumulative over trials (flat = stage result reused)" if many
+                 else "Stage time per trial (no bar = stage result reused)", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left")
     ax.grid(axis="y", alpha=0.3)
 
     totals = [float(pd.to_numeric(runs[c], errors="coerce").sum()) if n else 0.0 for c in cols]
@@ -371,7 +387,7 @@ def plot_all(
     study: optuna.Study | None,
     grid_keys: Sequence[str],
     objective: str,
-    out_dir: Path,
+    out_dir: Path | str,
 ) -> list[Path]:
     """Every picture for a results table, written into out_dir; returns the files in a fixed order
     (objective per parameter, heat maps per pair, importance, stage times)."""

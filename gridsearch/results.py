@@ -148,7 +148,8 @@ def write(df: pd.DataFrame, path: Path) -> None:
     elif ext == ".parquet":
         df.to_parquet(tmp, index=False)
     elif ext == ".json":
-        tmp.write_text(json.dumps(json.loads(df.to_json(orient="records", date_format="iso")), indent=1))
+        text = df.to_json(orient="records", date_format="iso", date_unit="us")
+        tmp.write_text(json.dumps(json.loads(text), indent=1))
     elif ext in (".md", ".markdown"):
         tmp.write_text(df.to_markdown(index=False))
     else:

@@ -1,0 +1,294 @@
+"""What a person looks at after a sweep: the winner, its config, the plots, the exports, the
+dashboard. One real sweep (the example grid with ground truth, real ultrack) feeds every test."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+import toml
+from conftest import write_spec
+
+from gridsearch import dashboard, results
+from gridsearch.best import best_config_toml, best_trial, why
+from gridsearch.engine import existing_ledger, run_sweep
+from gridsearch.plots import importances, plot_all
+from gridsearch.spec import Sweep, load
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@dataclass
+class Swept:
+    sweep: Sweep
+    df: pd.DataFrame
+    plots: list[Path]
+    plot_s: float
+    importance_method: str
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory: pytest.TempPathFactory, movie: dict[str, Path]) -> Swept:
+    """The example 2 x 2 x 3 grid with ground truth, run once; plots made while the ledger is open."""
+    d = tmp_path_factory.mktemp("views")
+    base = (
+        f"  ground_truth: {movie['gt']}\n"
+        "config:\n  segmentation: {max_area: 1000}\n  tracking: {solver_name: CBC}\n"
+    )
+    sweep = load(write_spec(d, movie, name="views", base=base))
+    out = run_sweep(sweep)
+    assert (out.completed, out.failed) == (12, 0)
+    with existing_ledger(sweep) as led:
+        assert led is not None
+        df = results.table(sweep, led)
+        t0 = time.perf_counter()
+        files = plot_all(df, led.study, sweep.grid_keys, sweep.objective, d / "plots")
+        plot_s = time.perf_counter() - t0
+        _, method = importances(df, led.study, sweep.grid_keys, sweep.objective)
+    return Swept(sweep, df, files, plot_s, method)
+
+
+# ---- best ----------------------------------------------------------------------------------------
+def test_best_trial_is_one_that_tracks_the_movie_correctly(swept: Swept) -> None:
+    df = swept.df
+    assert swept.sweep.objective == "TRA"
+    row = best_trial(df, "TRA")
+    assert row["state"] == "done" and row["TRA"] == 1.0
+    assert row["segmentation.min_area"] == 60 and row["linking.max_distance"] == 15.0
+    # ties go to grid order: the first perfect trial, on every run
+    perfect = df[df["TRA"] == 1.0]
+    assert row["number"] == perfect["number"].min()
+
+
+def test_best_trial_refuses_when_nothing_completed(swept: Swept) -> None:
+    pending = swept.df.assign(state="pending")
+    with pytest.raises(ValueError, match="no completed trial") as e:
+        best_trial(pending, "TRA")
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="SEG"):
+        best_trial(swept.df, "SEG")
+
+
+def test_best_config_is_the_trials_config_without_data(swept: Swept, tmp_path: Path) -> None:
+    from ultrack.config.config import load_config
+    from ultrack.config.dataconfig import DataConfig
+
+    row = best_trial(swept.df, "TRA")
+    text = best_config_toml(row)
+    body = "\n".join(ln for ln in text.splitlines() if not ln.startswith("#"))
+    assert "data" not in toml.loads(text)
+    assert "working_dir" not in body and "database" not in body and "address" not in body
+    path = tmp_path / "best.toml"
+    path.write_text(text)
+    cfg = load_config(path)
+    for key in swept.sweep.grid_keys:
+        section, name = key.split(".")
+        assert getattr(getattr(cfg, f"{section}_config"), name) == row[key], key
+    assert cfg.segmentation_config.max_area == 1000 and cfg.tracking_config.solver_name == "CBC"
+    assert cfg.data_config == DataConfig()  # ultrack's defaults: nothing of the sweep's database
+    # everything else is exactly what the trial ran with (n_workers belongs to the executor)
+    ran = toml.load(row["config"])
+    ran.pop("data")
+    for section in ("segmentation", "linking"):
+        ran[section].pop("n_workers")
+    assert toml.loads(text) == ran
+
+
+def test_why_names_the_winner_its_margin_and_params(swept: Swept) -> None:
+    df, keys = swept.df, swept.sweep.grid_keys
+    row = best_trial(df, "TRA")
+    line = why(row, df, "TRA", keys)
+    assert "\n" not in line
+    assert line.startswith(f"trial {row['trial']} wins: TRA 1.000")
+    assert "tied with 1 other" in line  # two perfect trials on this movie: said, not hidden
+    for k in keys:
+        assert f"{k}={row[k]}" in line
+    # without the perfect trials there is a single winner and a positive margin to the runner-up
+    rest = df[df["TRA"] < 1.0]
+    top = best_trial(rest, "TRA")
+    line = why(top, rest, "TRA", keys)
+    second = rest.sort_values("TRA", ascending=False).iloc[1]
+    assert f"runner-up {second['trial']}, +" in line and f"{second['TRA']:.3f}" in line
+    only = rest[rest["trial"] == top["trial"]]
+    assert "only completed trial" in why(top, only, "TRA", keys)
+
+
+# ---- plots ---------------------------------------------------------------------------------------
+def _expected_plots(keys: list[str]) -> set[str]:
+    names = {f"objective_vs_{k}.png" for k in keys}
+    names |= {f"heatmap_{a}__{b}.png" for i, a in enumerate(keys) for b in keys[i + 1 :]}
+    return names | {"importance.png", "stage_times.png"}
+
+
+def _check_pngs(files: list[Path], expected: set[str]) -> None:
+    assert {f.name for f in files} == expected
+    assert {f.name for f in files[0].parent.iterdir()} == expected
+    for f in files:
+        data = f.read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 1024, f.name
+
+
+def test_every_plot_is_a_real_png(swept: Swept) -> None:
+    keys = swept.sweep.grid_keys
+    _check_pngs(swept.plots, _expected_plots(keys))
+    assert len(swept.plots) == 3 + 3 + 2
+    assert swept.importance_method.startswith("optuna fANOVA on 12 trials")
+    assert swept.plot_s < 60
+
+
+def test_importance_follows_the_chosen_objective_not_the_studys(swept: Swept) -> None:
+    # the study holds TRA, where min_area barely matters; the node count depends on it a lot
+    with existing_ledger(swept.sweep) as led:
+        tra, how = importances(swept.df, led.study, swept.sweep.grid_keys, "TRA")
+        nodes, _ = importances(swept.df, led.study, swept.sweep.grid_keys, "selected_nodes")
+    assert how.startswith("optuna")
+    assert tra["linking.max_distance"] == max(tra.values()) and tra["segmentation.min_area"] < 0.1
+    assert nodes["segmentation.min_area"] > 0.2
+
+
+def test_plots_fall_back_when_optuna_cannot_rank(swept: Swept, tmp_path: Path) -> None:
+    keys = swept.sweep.grid_keys
+    one = swept.df.copy()
+    one.loc[one.index[1:], "state"] = "pending"
+    imp, method = importances(one, None, keys, "TRA")
+    assert method.startswith("variance") and "1 completed" in method
+    assert set(imp) == set(keys)
+    _check_pngs(plot_all(one, None, keys, "TRA", tmp_path / "one"), _expected_plots(keys))
+    single = ["tracking.appear_weight"]
+    imp, method = importances(swept.df, None, single, "TRA")
+    assert method.startswith("variance") and imp == {"tracking.appear_weight": 1.0}
+    _check_pngs(plot_all(swept.df, None, single, "TRA", tmp_path / "single"), _expected_plots(single))
+
+
+# ---- exports -------------------------------------------------------------------------------------
+def _canon(v: Any, col: str, time_unit: str = "us") -> Any:
+    """One spelling per value, whatever the format did to its type: None for missing, Timestamps
+    for times, floats for numbers."""
+    if v is None or (isinstance(v, float) and math.isnan(v)) or v is pd.NaT:
+        return None
+    if col in ("started", "finished"):
+        return pd.Timestamp(v).tz_localize(None).floor(time_unit)
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, int | float) or hasattr(v, "dtype"):
+        try:
+            return float(v)
+        except (TypeError, ValueError):
+            return v
+    return str(v)
+
+
+def _same_rows(got: pd.DataFrame, want: pd.DataFrame, time_unit: str = "us") -> None:
+    assert list(got.columns) == list(want.columns)
+    assert len(got) == len(want)
+    for col in want.columns:
+        a = [_canon(v, col, time_unit) for v in got[col].tolist()]
+        b = [_canon(v, col, time_unit) for v in want[col].tolist()]
+        for x, y in zip(a, b, strict=True):
+            if isinstance(x, float) and isinstance(y, float):
+                assert x == pytest.approx(y, rel=1e-9, abs=1e-12), col
+            else:
+                assert x == y, (col, x, y)
+
+
+@pytest.mark.parametrize("ext", [".csv", ".parquet", ".json", ".md"])
+def test_every_export_format_reads_back_the_same_rows(swept: Swept, tmp_path: Path, ext: str) -> None:
+    df = swept.df
+    path = tmp_path / f"results{ext}"
+    results.write(df, path)
+    assert not path.with_name(path.name + ".tmp").exists()
+    if ext == ".md":
+        lines = [ln for ln in path.read_text().splitlines() if ln.startswith("|")]
+        assert len(lines) == 2 + len(df)  # header, separator, one per trial
+        body = "\n".join(lines[2:])
+        assert all(key in body for key in df["trial"])
+        return
+    # trial keys are hex: one made only of digits (or digits and an 'e') would read as a number
+    if ext == ".csv":
+        got = pd.read_csv(path, dtype={"trial": str})
+    elif ext == ".parquet":
+        got = pd.read_parquet(path)
+    else:
+        got = pd.DataFrame(json.loads(path.read_text()))
+    # pandas' to_json writes ISO times to the millisecond (results.write does not ask for "us")
+    _same_rows(got, df, time_unit="ms" if ext == ".json" else "us")
+
+
+# ---- dashboard -----------------------------------------------------------------------------------
+def test_dashboard_missing_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "optuna_dashboard", None)  # import raises ImportError
+    monkeypatch.setattr(dashboard, "_executable", lambda: None)
+    with pytest.raises(dashboard.DashboardMissing) as e:
+        dashboard.launch("sqlite:///nowhere.db", 8080)
+    assert str(e.value) == "optuna-dashboard is not installed: pip install 'gridsearch[dashboard]'"
+
+
+def test_dashboard_command_never_carries_a_password() -> None:
+    url = "sqlite:////tmp/state.db"
+    assert dashboard.dashboard_command(url, 8081) == ["optuna-dashboard", url, "--port", "8081"]
+    with pytest.raises(ValueError, match="password") as e:
+        dashboard.dashboard_command("postgresql+psycopg2://gs:s3cret@127.0.0.1:5432/x", 8081)
+    assert "s3cret" not in str(e.value)
+
+
+def test_launch_serves_the_ledgers_storage_in_process(swept: Swept, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[Any, str, int]] = []
+    fake = types.ModuleType("optuna_dashboard")
+    fake.run_server = lambda storage, host, port: calls.append((storage, host, port))  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "optuna_dashboard", fake)
+    with existing_ledger(swept.sweep) as led:
+        assert led is not None
+        dashboard.launch(led.storage, 8124)
+        assert calls == [(led.storage, "127.0.0.1", 8124)]
+        storage = dashboard.storage_for(led.url, {"connect_args": {"timeout": 5}})
+        assert not isinstance(storage, str)
+        assert dashboard.storage_for(led.url, {}) == led.url
+        storage.engine.dispose()  # type: ignore[attr-defined]
+
+
+def test_launch_falls_back_to_the_executable_for_a_plain_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    ran: list[list[str]] = []
+    monkeypatch.setitem(sys.modules, "optuna_dashboard", None)
+    monkeypatch.setattr(dashboard, "_executable", lambda: "/opt/bin/optuna-dashboard")
+    monkeypatch.setattr(dashboard.subprocess, "run", lambda cmd, check: ran.append(cmd))
+    dashboard.launch("sqlite:////tmp/state.db", 8090)
+    assert ran == [["/opt/bin/optuna-dashboard", "sqlite:////tmp/state.db", "--port", "8090",
+                    "--host", "127.0.0.1"]]
+
+
+# ---- the CLI over the same sweep -----------------------------------------------------------------
+def test_cli_best_plot_results(swept: Swept, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+    from ultrack.config.config import load_config
+
+    from gridsearch.cli import main
+
+    spec = str(swept.sweep.path)
+    r = CliRunner().invoke(main, ["best", spec, "-o", str(tmp_path / "best.toml")])
+    assert r.exit_code == 0, r.output
+    assert "wins: TRA 1.000" in r.output
+    cfg = load_config(tmp_path / "best.toml")
+    assert (cfg.segmentation_config.min_area, cfg.linking_config.max_distance) == (60, 15.0)
+
+    r = CliRunner().invoke(main, ["plot", spec, "-o", str(tmp_path / "plots")])
+    assert r.exit_code == 0, r.output
+    _check_pngs([Path(p) for p in r.output.split()], _expected_plots(swept.sweep.grid_keys))
+
+    out = tmp_path / "top.csv"
+    r = CliRunner().invoke(main, ["results", spec, "--sort", "TRA", "--top", "3", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    top = pd.read_csv(out, dtype={"trial": str})
+    assert len(top) == 3 and list(top["TRA"]) == sorted(swept.df["TRA"], reverse=True)[:3]
+
+    r = CliRunner().invoke(main, ["results", spec, "--sort", "nope"])
+    assert r.exit_code == 2 and "no such column" in r.stderr
+    r = CliRunner().invoke(main, ["results", spec, "-o", str(tmp_path / "x.xlsx")])
+    assert r.exit_code == 2 and "unknown format" in r.stderr
