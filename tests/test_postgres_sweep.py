@@ -156,3 +156,26 @@ def test_unreachable_server_and_wrong_password_are_one_line(open_tmp: Path, movi
         assert "definitely-wrong" not in r.stderr
     finally:
         server.stop()
+
+
+def test_parallel_solve_windows_even_then_odd_match_sqlite(
+    open_tmp: Path, movie: dict[str, Path]
+) -> None:
+    """Windowed solve: even windows in parallel, then odd, reproduces ultrack's sequential order."""
+    from gridsearch.engine import run_sweep
+
+    grid = "grid:\n  tracking.window_size: [3, 4]\n  tracking.appear_weight: [-0.1]\n"
+    lite = write_spec(open_tmp / "lite", movie, name="winlite", grid=grid)
+    pg = write_spec(open_tmp / "pg", movie, name="winpg", grid=grid, extra=PG)
+    assert run_sweep(load(lite)).completed == 2
+    proc = _sweep(pg)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    tables = []
+    for spec in (lite, pg):
+        with existing_ledger(load(spec)) as led:
+            tables.append(comparable(results.table(load(spec), led)))
+            runs = pd.DataFrame(led.stage_runs())
+    pd.testing.assert_frame_equal(tables[0], tables[1])
+    # 9 frame pairs: window 3 -> 3 windows, window 4 -> 3 windows (even phase 2 + odd phase 1)
+    assert sorted(runs[runs.stage == "solve"].batches_total) == [3, 3]
