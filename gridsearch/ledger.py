@@ -91,6 +91,7 @@ class Ledger:
         self.study = optuna.create_study(
             storage=storage, study_name=study_name, direction="maximize", load_if_exists=True
         )
+        self._records: dict[str, TrialRecord] | None = None
 
     def close(self) -> None:
         self.engine.dispose()
@@ -214,23 +215,33 @@ class Ledger:
 
     # ---- trials (optuna) -------------------------------------------------------------------------
     def records(self) -> dict[str, TrialRecord]:
-        """Latest attempt per trial key."""
-        out: dict[str, TrialRecord] = {}
-        for ft in self.study.get_trials(deepcopy=False):
-            key = ft.user_attrs.get("key")
-            if key is None:
-                continue
-            out[key] = TrialRecord(
-                number=ft.number,
-                key=key,
-                state=ft.state.name,
-                params=json.loads(ft.user_attrs.get("params_json", "{}")),
-                attrs=dict(ft.user_attrs),
-                value=ft.value if ft.state == optuna.trial.TrialState.COMPLETE else None,
-                started=ft.datetime_start,
-                finished=ft.datetime_complete,
-            )
-        return out
+        """Latest attempt per trial key. Read once, then kept in step by this ledger's own writes
+        (the sweep lock makes it the only writer): re-reading every trial per trial is quadratic,
+        and optuna's reads cost milliseconds per trial (DESIGN.md)."""
+        if self._records is None:
+            self._records = {}
+            for ft in self.study.get_trials(deepcopy=False):
+                self._remember(ft)
+        return self._records
+
+    def _remember(self, ft: optuna.trial.FrozenTrial) -> None:
+        key = ft.user_attrs.get("key")
+        if key is None or self._records is None:
+            return
+        self._records[key] = TrialRecord(
+            number=ft.number,
+            key=key,
+            state=ft.state.name,
+            params=json.loads(ft.user_attrs.get("params_json", "{}")),
+            attrs=dict(ft.user_attrs),
+            value=ft.value if ft.state == optuna.trial.TrialState.COMPLETE else None,
+            started=ft.datetime_start,
+            finished=ft.datetime_complete,
+        )
+
+    def _refresh(self, trial_id: int) -> None:
+        self.records()
+        self._remember(self.storage.get_trial(trial_id))
 
     def finished_keys(self) -> set[str]:
         return {k for k, r in self.records().items() if r.state == "COMPLETE"}
@@ -252,14 +263,16 @@ class Ledger:
                 "first_stage": start_label(first_stage),
             },
         )
+        sid = self.study._study_id
         try:
-            self.study.add_trial(ft)
+            trial_id = self.storage.create_new_trial(sid, template_trial=ft)
         except ValueError:  # a categorical key whose choices grew: keep the params in user attrs only
             ft = optuna.trial.create_trial(
                 state=optuna.trial.TrialState.RUNNING, user_attrs=ft.user_attrs
             )
-            self.study.add_trial(ft)
-        return self.study.get_trials(deepcopy=False)[-1].number
+            trial_id = self.storage.create_new_trial(sid, template_trial=ft)
+        self._refresh(trial_id)
+        return self.storage.get_trial_number_from_id(trial_id)
 
     def finish_trial(self, number: int, value: float, attrs: Mapping[str, Any]) -> None:
         trial_id = self._trial_id(number)
@@ -268,11 +281,13 @@ class Ledger:
         if value is None or (isinstance(value, float) and math.isnan(value)):
             value = float("-inf")
         self.study.tell(number, value)
+        self._refresh(trial_id)
 
     def fail_trial(self, number: int, error: str) -> None:
         trial_id = self._trial_id(number)
         self.storage.set_trial_user_attr(trial_id, "error", error[:2000])
         self.study.tell(number, state=optuna.trial.TrialState.FAIL)
+        self._refresh(trial_id)
 
     def _trial_id(self, number: int) -> int:
         return self.storage.get_trial_id_from_study_id_trial_number(self.study._study_id, number)
