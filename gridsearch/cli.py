@@ -82,6 +82,7 @@ def main() -> None:
 def sweep(spec: str, restart: bool, quiet: bool) -> None:
     """Run the sweep, or resume it where it stopped."""
     from gridsearch.engine import run_sweep
+    from gridsearch.executors.base import SweepCancelled
     from gridsearch.postgres import PostgresError
     from gridsearch.progress import RichReporter, Silent
     from gridsearch.workspace import Busy
@@ -95,6 +96,8 @@ def sweep(spec: str, restart: bool, quiet: bool) -> None:
         fail(str(e))
     except KeyboardInterrupt:
         fail("interrupted; run the same command again to resume", 130)
+    except SweepCancelled as e:
+        fail(f"{e}; run the same command again to resume", 1)
     console.print(
         f"{out.completed} completed, {out.failed} failed, {out.skipped} already done; stage runs: "
         + ", ".join(f"{s.label} {out.stage_runs[s]}" for s in Stage)
@@ -114,6 +117,11 @@ def plan(spec: str, as_json: bool) -> None:
     with existing_ledger(sw) as led:
         p = plan_for(sw, led)
     runs = p.stage_runs()
+    jobs: dict[str, list[str]] = {}
+    if sw.executor.kind == "slurm":
+        from gridsearch.slurm.describe import describe_jobs
+
+        jobs = {pt.trial.key: describe_jobs(sw, pt) for pt in p.trials}
     doc = {
         "trials": [
             {
@@ -122,6 +130,7 @@ def plan(spec: str, as_json: bool) -> None:
                 "params": pt.trial.params,
                 "first_stage": None if pt.done else start_label(pt.first_stage),
                 "done": pt.done,
+                **({"jobs": jobs[pt.trial.key]} if jobs else {}),
             }
             for pt in p.trials
         ],
@@ -140,6 +149,9 @@ def plan(spec: str, as_json: bool) -> None:
                   "done" if row["done"] else row["first_stage"])
     c = _console()
     c.print(t)
+    for i, row in enumerate(doc["trials"], 1):
+        for line in row.get("jobs", []):
+            c.print(f"  {i:>3} {row['trial']} {line}")
     c.print(
         "stage runs: " + ", ".join(f"{k} {v}" for k, v in doc["stage_runs"].items())
         + f" = {doc['total_stage_runs']} (naive {doc['naive_stage_runs']})"
@@ -296,6 +308,20 @@ def dashboard(spec: str, port: int, host: str) -> None:
             launch(led.storage, port=port, host=host)
         except DashboardMissing as e:
             fail(str(e), 1)
+
+
+@main.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+def cancel(spec: str) -> None:
+    """SLURM: scancel every job of the sweep; the next `sweep` recovers from where it stopped."""
+    from gridsearch.slurm.cancel import cancel_sweep
+    from gridsearch.workspace import Workspace
+
+    sw = _load(spec)
+    if sw.executor.kind != "slurm":
+        fail(f"{spec}: executor: cancel applies to SLURM sweeps; stop a local sweep with Ctrl-C")
+    n = cancel_sweep(sw, Workspace(sw.workdir))
+    click.echo(f"cancelled {n} job(s) of sweep {sw.name}")
 
 
 @main.group()

@@ -15,7 +15,7 @@ from typing import Any
 
 from gridsearch import results
 from gridsearch.backends import Backend, open_backend
-from gridsearch.executors.base import Executor, StageFailed, StageJob
+from gridsearch.executors.base import Executor, StageFailed, StageJob, SweepCancelled
 from gridsearch.ledger import Ledger
 from gridsearch.planner import Plan, make_plan
 from gridsearch.progress import Reporter, Silent
@@ -227,6 +227,8 @@ def _run_plan(
                     config_path, tdir, sweep.shape[0], sweep.file.data.ground_truth,
                     sweep.file.keep_label_images,
                 )
+        except SweepCancelled:
+            raise  # the trial stays as a kill leaves it: resumable
         except Exception as e:  # a stage, the clear or the export failed: this trial, not the sweep
             reason = str(e) if isinstance(e, StageFailed) else _one_line(e)
             for stage, run_id in events.runs.items():

@@ -63,6 +63,12 @@ def _libpq_env(creds: Credentials) -> Iterator[dict[str, str]]:
 
 @contextlib.contextmanager
 def open_postgres(sweep: Sweep, ws: Workspace, read_only: bool = False) -> Iterator[Backend]:
+    if sweep.database.managed and sweep.executor.kind == "slurm" and not read_only:
+        from gridsearch.slurm.server import open_server_job  # the server runs as a SLURM job
+
+        with open_server_job(sweep, ws) as be:
+            yield be
+        return
     server = server_for(sweep, ws)
     with contextlib.ExitStack() as stack:
         if isinstance(server, ManagedServer):

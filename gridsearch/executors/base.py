@@ -35,6 +35,10 @@ class StageFailed(Exception):
         super().__init__(f"{stage.label}{where} failed: {reason}{see}")
 
 
+class SweepCancelled(Exception):
+    """`gridsearch cancel` withdrew the sweep's jobs: stop the sweep, not just this trial."""
+
+
 class Events(Protocol):
     def stage_started(self, stage: Stage, n_batches: int) -> None: ...
     def batch_done(self, stage: Stage, batch: int) -> None: ...

@@ -8,13 +8,15 @@ Job ids go to the ledger (gs_slurm_job) the moment sbatch returns: a killed driv
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from gridsearch.backends import Backend
-from gridsearch.executors.base import Events, Executor, StageFailed, StageJob
+from gridsearch.executors.base import Events, Executor, StageFailed, StageJob, SweepCancelled
 from gridsearch.executors.local import tail
 from gridsearch.ledger import Ledger
+from gridsearch.postgres import PASSWORD_ENV
 from gridsearch.slurm import dbcheck, job_name, job_names
 from gridsearch.slurm.cancel import scancel_ids
 from gridsearch.slurm.jobs import JobRow, JobStore
@@ -83,7 +85,7 @@ class SlurmExecutor(Executor):
         older = [r for r in mine if Stage.parse(r.stage) < first]
         self.store.set_state([r.id for r in older], "closed")  # those stages are trusted already
         mine = [r for r in mine if Stage.parse(r.stage) >= first]
-        if not any(Stage.parse(r.stage) == first for r in mine):
+        if not any(Stage.parse(r.stage) == first for r in mine) or not self._same_password():
             self._drop(mine)
             return False
         states = self.poller.poll({r.job_id: expand(r.indices) for r in mine})
@@ -92,6 +94,17 @@ class SlurmExecutor(Executor):
             return False
         self._attached = trial_key
         return True
+
+    def _same_password(self) -> bool:
+        """A managed server gets a fresh random password from every driver unless ULTRACK_DB_PW
+        fixes it: queued tasks carry the old one in their environment and could not log in."""
+        if self.backend.kind != "postgresql" or not self.sweep.database.managed:
+            return True
+        from gridsearch.slurm.server import ServerJob
+
+        if isinstance(self.backend.server, ServerJob):
+            return self.backend.server.reused  # re-used only with the user's fixed password
+        return bool(os.environ.get(PASSWORD_ENV))
 
     def _drop(self, rows: list[JobRow]) -> None:
         scancel_ids(sorted({r.job_id for r in rows}))
@@ -166,7 +179,7 @@ class SlurmExecutor(Executor):
         forgotten_ok: set[tuple[Stage, int]] = set()  # SLURM forgot them; the database has their rows
         while True:
             if self.store.cancelled([a.row_id for s in steps for a in s.arrays]):
-                raise StageFailed(steps[0].stage, None, "cancelled (gridsearch cancel)")
+                raise SweepCancelled("the sweep's jobs were cancelled (gridsearch cancel)")
             states = self.poller.poll({a.job_id: a.indices for s in steps for a in s.arrays})
             # the database confirms tasks SLURM no longer knows (MinJobAge passed, no accounting)
             for s in steps:
