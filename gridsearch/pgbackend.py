@@ -45,7 +45,7 @@ def server_for(sweep: Sweep, ws: Workspace) -> PostgresServer:
 
 
 @contextlib.contextmanager
-def _libpq_env(creds: Credentials) -> Iterator[dict[str, str]]:
+def libpq_environ(creds: Credentials) -> Iterator[dict[str, str]]:
     """ultrack builds its own engines from `data.address`: in the driver, libpq finds the password
     in this process's environment, for the sweep's duration only."""
     env = libpq_env(creds)
@@ -82,7 +82,7 @@ def open_postgres(sweep: Sweep, ws: Workspace, read_only: bool = False) -> Itera
             state_db = main_db = sweep.database.dbname or "postgres"
         creds = server.credentials()
         connect(creds, state_db).close()  # unreachable, wrong password: one line, before any work
-        env = stack.enter_context(_libpq_env(creds))
+        env = stack.enter_context(libpq_environ(creds))
         url = f"postgresql+psycopg2://{creds.user}@{creds.host}:{creds.port}/{state_db}"
         kwargs = {"connect_args": {"password": creds.password}} if creds.password else {}
 

@@ -147,7 +147,7 @@ def test_start_and_status(server: ManagedServer) -> None:
     run_dir = server.root / "run"
     assert run_dir.stat().st_mode & 0o777 == 0o700
     with server._admin() as conn:
-        assert conn.execute("SHOW max_connections").fetchone()[0] == str(4 * 3 + 10)
+        assert conn.execute("SHOW max_connections").fetchone()[0] == str(max(50, 8 * 3 + 30))
         assert conn.execute("SHOW log_statement").fetchone()[0] == "none"
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from types import FrameType
 
 from gridsearch.backends import Backend
-from gridsearch.postgres import PASSWORD_ENV, Credentials, ManagedServer, libpq_env, ultrack_address
+from gridsearch.postgres import PASSWORD_ENV, Credentials, ManagedServer, ultrack_address
 from gridsearch.slurm import job_name
 from gridsearch.slurm.cancel import scancel_ids
 from gridsearch.slurm.submit import DEFAULT_RESOURCES, submit_plain
@@ -101,7 +101,7 @@ def wait_ready(ws: Workspace, job_id: str, timeout: float = 300) -> tuple[str, i
 @contextlib.contextmanager
 def open_server_job(sweep: Sweep, ws: Workspace) -> Iterator[Backend]:
     """The sweep's Backend on a server that runs as a SLURM job (started here or re-used)."""
-    from gridsearch.pgbackend import db_name
+    from gridsearch.pgbackend import db_name, libpq_environ
 
     ws.root.mkdir(parents=True, exist_ok=True)
     (ws.root / "postgres").mkdir(exist_ok=True)
@@ -125,22 +125,13 @@ def open_server_job(sweep: Sweep, ws: Workspace) -> Iterator[Backend]:
     try:
         host, port = wait_ready(ws, job_id)
         creds = Credentials(host, port, "gridsearch", password)
-        env = libpq_env(creds)
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
+        with libpq_environ(creds) as env:
             state_db = db_name(sweep, "state")
             yield Backend(
                 f"postgresql+psycopg2://{creds.user}@{host}:{port}/{state_db}",
                 {"connect_args": {"password": creds.password}}, ws, kind="postgresql", env=env,
                 address_of=lambda name: ultrack_address(creds, db_name(sweep, name)),
                 server=ServerJob(job_id, reuse), state_db=state_db)
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
     except (KeyboardInterrupt, SystemExit):
         interrupted = True  # queued arrays stay for re-attach: so does their server
         raise

@@ -35,6 +35,20 @@ def stage_sums(spec: Path) -> dict[str, float]:
     return sums
 
 
+def worker_startup(n: int = 3) -> list[float]:
+    """Seconds from spawning a batch worker to its ready line: what each worker (and each SLURM
+    array task) pays before its first batch."""
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        p = subprocess.Popen([sys.executable, "-m", "gridsearch.worker", "--serve"], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        assert p.stdout is not None and "ready" in p.stdout.readline()
+        out.append(time.perf_counter() - t0)
+        p.communicate("")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--frames", type=int, default=20)
@@ -65,6 +79,9 @@ def main() -> None:
     for w, (wall, sums) in out.items():
         rounded = {k: round(v, 1) for k, v in sums.items()}
         print(f"workers={w}: sweep {wall:.1f} s; stage sums {json.dumps(rounded)}")
+    starts = worker_startup()
+    print("worker start-up (spawn -> ready, paid once per worker per sweep): "
+          + ", ".join(f"{s:.1f} s" for s in starts))
     w1, w2 = out[1], out[2]
     print(f"speed-up workers=2 vs 1: sweep {w1[0] / w2[0]:.2f}x; "
           + ", ".join(f"{k} {w1[1][k] / w2[1][k]:.2f}x" for k in w1[1]))
