@@ -408,7 +408,10 @@ def db_url(spec: str) -> None:
     sw, server = _managed(spec)
     if not server.is_running():
         fail(f"{sw.workdir}: the server is not running; `gridsearch db start {spec}`", 1)
-    click.echo(f"postgresql://{server.credentials().user}@{server.host}:{server.port}/{db_name(sw, 'main')}")
+    from gridsearch.postgres import DEFAULT_ROLE
+
+    # not server.credentials(): that would reset the password under a running sweep
+    click.echo(f"postgresql://{DEFAULT_ROLE}@{server.host}:{server.port}/{db_name(sw, 'main')}")
 
 
 def _isna(v: Any) -> bool:

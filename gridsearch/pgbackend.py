@@ -80,6 +80,10 @@ def open_postgres(sweep: Sweep, ws: Workspace, read_only: bool = False) -> Itera
             # An existing server: the user's database holds everything (ultrack's tables, optuna's
             # and ours); creating databases may not be allowed there.
             state_db = main_db = sweep.database.dbname or "postgres"
+        if read_only and isinstance(server, ManagedServer):
+            url, kwargs = server.socket_url(state_db)
+            yield Backend(url, kwargs, ws, kind="postgresql", server=server, state_db=state_db)
+            return
         creds = server.credentials()
         connect(creds, state_db).close()  # unreachable, wrong password: one line, before any work
         env = stack.enter_context(libpq_environ(creds))

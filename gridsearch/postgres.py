@@ -800,6 +800,16 @@ class ManagedServer(PostgresServer):
 
     # ---- connections and credentials
 
+    def socket_url(self, dbname: str) -> tuple[str, dict[str, Any]]:
+        """SQLAlchemy URL + connect_args for the superuser over the private unix socket.
+
+        Read-only views (status, results, plot) use it: they must not reset the role's password
+        under a running sweep's workers, and need none on this machine."""
+        info = self._pidfile() or {}
+        sock = info.get("socket_dir") or str(self.socket_dir)
+        return (f"postgresql+psycopg2://{self.superuser}@/{dbname}",
+                {"connect_args": {"host": sock, "port": self.port}})
+
     def _admin(self, dbname: str | None = None) -> psycopg.Connection:
         """Superuser session over the private unix socket (peer auth: no password involved)."""
         info = self._pidfile() or {}

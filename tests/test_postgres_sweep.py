@@ -179,3 +179,26 @@ def test_parallel_solve_windows_even_then_odd_match_sqlite(
     pd.testing.assert_frame_equal(tables[0], tables[1])
     # 9 frame pairs: window 3 -> 3 windows, window 4 -> 3 windows (even phase 2 + odd phase 1)
     assert sorted(runs[runs.stage == "solve"].batches_total) == [3, 3]
+
+
+def test_views_during_a_sweep_do_not_disturb_it(open_tmp: Path, movie: dict[str, Path]) -> None:
+    """status/results/db url while workers run: no password reset, no failed batch."""
+    spec = write_spec(open_tmp, movie, name="pgview", extra=PG,
+                      grid="grid:\n  segmentation.min_area: [30, 60]\n  linking.max_distance: [6.0, 15.0]\n")
+    proc = _sweep(spec)  # no ULTRACK_DB_PW: the driver sets a random password only it knows
+    cli = [sys.executable, "-m", "gridsearch.cli"]
+    views = 0
+    while proc.poll() is None:
+        if _server(spec).is_running():
+            for cmd in (["status", "--json"], ["results"], ["db", "url"]):
+                r = subprocess.run([*cli, *cmd, str(spec)], capture_output=True, text=True)
+                if proc.poll() is None:
+                    assert r.returncode == 0, (cmd, r.stderr)
+                    views += 1
+        time.sleep(0.5)
+    _, err = proc.communicate()
+    assert proc.returncode == 0, err
+    assert views >= 3
+    with existing_ledger(load(spec)) as led:
+        df = results.table(load(spec), led)
+    assert set(df.state) == {"done"}
