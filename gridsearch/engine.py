@@ -191,6 +191,8 @@ def _run_plan(
     runs = {s: 0 for s in Stage}
     pending = plan.pending
     provenance = {"ultrack": version("ultrack"), "gridsearch": version("gridsearch")}
+    if pending:
+        results.warm_up_in_background()
     for k, p in enumerate(pending, start=1):
         trial = p.trial
         # The plan fixed the order; what to clear is decided against the database as it is now.

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from gridsearch.ledger import Ledger
@@ -23,6 +26,24 @@ FIGURES = [
     "mean_track_length",
 ]
 TIMES = [f"{s.label}_s" for s in Stage]
+
+
+def warm_up_in_background() -> threading.Thread:
+    """ultrack's track-id code is numba-jitted without a disk cache: the first export in a process
+    pays ~3 s of compilation. Compiling on a tiny lineage in a thread overlaps that with the first
+    stage run, which spends its time in C code (measured in tests/benchmarks/bench_sweep.py)."""
+
+    def compile_() -> None:
+        with contextlib.suppress(Exception):  # only an optimisation: the export compiles anyway
+            from ultrack.tracks.graph import add_track_ids_to_tracks_df
+
+            df = pd.DataFrame({"parent_id": np.array([-1, 1, 2, 2], dtype=np.int64)},
+                              index=np.array([1, 2, 3, 4], dtype=np.int64))
+            add_track_ids_to_tracks_df(df)
+
+    t = threading.Thread(target=compile_, name="numba-warm-up", daemon=True)
+    t.start()
+    return t
 
 
 def export_trial(
