@@ -165,3 +165,24 @@ def test_kill_9_mid_stage_then_resume_gives_identical_results(
     with existing_ledger(load(spec)) as led:
         df = results.table(load(spec), led)
     pd.testing.assert_frame_equal(comparable(df), comparable(ref))
+
+
+def test_restart_archives_earlier_results_and_starts_over(movie: dict[str, Path], tmp_path: Path) -> None:
+    grid = "grid:\n  tracking.appear_weight: [-0.1, -0.5]\n"
+    spec = write_spec(tmp_path, movie, name="rs", grid=grid)
+    assert run_sweep(load(spec)).completed == 2
+    old_tracks = sorted(p.read_bytes() for p in (load(spec).workdir / "trials").rglob("tracks.csv"))
+    spec.write_text(spec.read_text().replace("max_area: 1000", "max_area: 900"))
+    r = CliRunner().invoke(main, ["sweep", "-q", str(spec)])
+    assert r.exit_code == 2 and "--restart" in r.stderr
+    r = CliRunner().invoke(main, ["sweep", "-q", "--restart", str(spec)])
+    assert r.exit_code == 0, r.output
+    archives = list((load(spec).workdir / "archive").iterdir())
+    assert len(archives) == 1 and (archives[0] / "state.db").is_file()
+    kept = sorted(p.read_bytes() for p in (archives[0] / "trials").rglob("tracks.csv"))
+    assert kept == old_tracks  # nothing computed was lost
+    with existing_ledger(load(spec)) as led:
+        df = results.table(load(spec), led)
+        assert len(led.study.get_trials()) == 2  # a fresh study, not the archived one
+    assert set(df.state) == {"done"}
+    assert all(Path(c).read_text().count("max_area = 900") == 1 for c in df.config)
