@@ -183,8 +183,7 @@ def test_parallel_solve_windows_even_then_odd_match_sqlite(
 
 def test_views_during_a_sweep_do_not_disturb_it(open_tmp: Path, movie: dict[str, Path]) -> None:
     """status/results/db url while workers run: no password reset, no failed batch."""
-    spec = write_spec(open_tmp, movie, name="pgview", extra=PG,
-                      grid="grid:\n  segmentation.min_area: [30, 60]\n  linking.max_distance: [6.0, 15.0]\n")
+    spec = write_spec(open_tmp, movie, name="pgview", extra=PG)  # 12 trials: time for several views
     proc = _sweep(spec)  # no ULTRACK_DB_PW: the driver sets a random password only it knows
     cli = [sys.executable, "-m", "gridsearch.cli"]
     views = 0
