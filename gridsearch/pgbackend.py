@@ -6,14 +6,18 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import socket
 import time
 from collections.abc import Iterator
 
 from gridsearch.backends import Backend
 from gridsearch.postgres import (
+    DEFAULT_ROLE,
+    PASSWORD_ENV,
     Credentials,
     ExternalServer,
     ManagedServer,
+    PostgresError,
     PostgresServer,
     connect,
     libpq_env,
@@ -69,6 +73,11 @@ def open_postgres(sweep: Sweep, ws: Workspace, read_only: bool = False) -> Itera
         with open_server_job(sweep, ws) as be:
             yield be
         return
+    if read_only and sweep.database.managed and sweep.executor.kind == "slurm":
+        remote = _remote_server_job(sweep, ws)
+        if remote is not None:
+            yield remote
+            return
     server = server_for(sweep, ws)
     with contextlib.ExitStack() as stack:
         if isinstance(server, ManagedServer):
@@ -100,6 +109,26 @@ def open_postgres(sweep: Sweep, ws: Workspace, read_only: bool = False) -> Itera
 
         yield Backend(url, kwargs, ws, kind="postgresql", env=env, address_of=address_of,
                       server=server, state_db=state_db)
+
+
+def _remote_server_job(sweep: Sweep, ws: Workspace) -> Backend | None:
+    """A view of a SLURM sweep whose server job runs on another node: over TCP, never by starting
+    a second server on the shared data directory (two postmasters would corrupt it)."""
+    from gridsearch.slurm.server import live_server
+
+    live = live_server(ws)
+    if live is None or live[1] in (socket.gethostname(), "localhost", "127.0.0.1"):
+        return None  # not running, or on this node: the unix socket path works
+    job, host, port = live
+    password = os.environ.get(PASSWORD_ENV)
+    if not password:
+        raise PostgresError(f"the sweep's PostgreSQL runs as SLURM job {job} on {host}:{port}; "
+                            f"set {PASSWORD_ENV} (the password the sweep was started with) to read it")
+    creds = Credentials(host, port, DEFAULT_ROLE, password)
+    state_db = db_name(sweep, "state")
+    connect(creds, state_db).close()
+    return Backend(f"postgresql+psycopg2://{creds.user}@{host}:{port}/{state_db}",
+                   {"connect_args": {"password": password}}, ws, kind="postgresql", state_db=state_db)
 
 
 def archive_state(backend: Backend) -> str | None:

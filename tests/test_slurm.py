@@ -162,6 +162,15 @@ def _stop_server(spec: Path) -> None:
     managed_server(sw, Workspace(sw.workdir)).stop()
 
 
+def _wait_for_link(spec: Path, proc: subprocess.Popen[str], running: bool) -> None:
+    """Until the sweep's link array is queued (or running): the moment to kill or cancel."""
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(
+            "link" in j and (not running or "RUNNING" in j) for j in _live(spec)):
+        assert proc.poll() is None, proc.communicate()[1]
+        time.sleep(0.3)
+
+
 def _ledger(spec: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     with existing_ledger(load(spec)) as led:
         assert led is not None
@@ -210,10 +219,7 @@ def test_kill_driver_then_reattach(
     pw = {"ULTRACK_DB_PW": "pw-" + os.urandom(8).hex()}
     proc = _sweep(spec, pw)
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline and not any("link" in j and "RUNNING" in j for j in _live(spec)):
-            assert proc.poll() is None, proc.communicate()[1]
-            time.sleep(0.3)
+        _wait_for_link(spec, proc, running=True)
         assert any("link" in j for j in _live(spec)), "never saw the link array run"
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -326,10 +332,7 @@ def test_cancel_withdraws_every_job_and_the_next_sweep_recovers(
     pw = {"ULTRACK_DB_PW": "pw-" + os.urandom(8).hex()}
     proc = _sweep(spec, pw)
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline and not any("link" in j for j in _live(spec)):
-            assert proc.poll() is None, proc.communicate()[1]
-            time.sleep(0.3)
+        _wait_for_link(spec, proc, running=False)
         r = subprocess.run([sys.executable, "-m", "gridsearch.cli", "cancel", str(spec)],
                            capture_output=True, text=True, cwd=ROOT, env={**os.environ, **pw})
         assert r.returncode == 0 and "cancelled" in r.stdout, r.stderr
@@ -349,3 +352,27 @@ def test_cancel_withdraws_every_job_and_the_next_sweep_recovers(
             proc.kill()
         _stop_server(spec)
     pd.testing.assert_frame_equal(comparable(df), comparable(reference))
+
+
+def test_view_of_a_server_job_on_another_node_never_starts_a_second_server(
+    open_tmp: Path, short_movie: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """status/results must not start a local postmaster on the shared data directory."""
+    from gridsearch.engine import existing_ledger
+    from gridsearch.postgres import PostgresError
+    from gridsearch.slurm import server
+
+    spec = write_spec(open_tmp, short_movie, name="slremote", grid=ONE, extra=SLURM)
+    ws = load(spec).workdir
+    (ws / "postgres").mkdir(parents=True)
+    (ws / server.READY).write_text("4242 node042:5999\n")
+    monkeypatch.setattr(server, "_job_state", lambda job: "RUNNING")
+    monkeypatch.delenv("ULTRACK_DB_PW", raising=False)
+    with pytest.raises(PostgresError, match=r"SLURM job 4242 on node042:5999.*ULTRACK_DB_PW"), \
+            existing_ledger(load(spec)):
+        pass
+    monkeypatch.setenv("ULTRACK_DB_PW", "x")
+    # with the password it tries TCP to that node, not a local start
+    with pytest.raises(PostgresError, match="node042:5999"), existing_ledger(load(spec)):
+        pass
+    assert not (ws / "postgres" / "data").exists()

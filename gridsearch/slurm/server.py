@@ -58,6 +58,14 @@ def _read_ready(path: Path) -> tuple[str, str, int] | None:
     return job, host, int(port)
 
 
+def live_server(ws: Workspace) -> tuple[str, str, int] | None:
+    """(job id, host, port) when the ready file names a server job SLURM still runs."""
+    got = _read_ready(ws.root / READY)
+    if got is None or _job_state(got[0]) != "RUNNING":
+        return None
+    return got
+
+
 def submit_server(sweep: Sweep, ws: Workspace) -> str:
     ex = sweep.executor
     res = ex.stages.get("server") or DEFAULT_RESOURCES["server"]
