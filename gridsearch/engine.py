@@ -219,6 +219,7 @@ def _run_plan(
                         config_path,
                         str(sweep.file.data.foreground),
                         str(sweep.file.data.contours),
+                        trial.key,
                     )
                     for s in Stage
                     if s >= first

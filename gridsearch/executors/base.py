@@ -18,6 +18,7 @@ class StageJob:
     config_path: Path
     foreground: str
     contours: str
+    trial_key: str = ""  # whose stage this is: the SLURM ledger files its jobs under it
 
     @property
     def n_batches(self) -> int:

@@ -114,7 +114,7 @@ class SlurmExecutor(Executor):
     def run(self, jobs: Sequence[StageJob], events: Events) -> None:
         if not jobs:
             return
-        key = jobs[0].config_path.parent.name  # the engine writes trials/<key>/config.toml
+        key = jobs[0].trial_key
         by_stage = {j.stage: j for j in jobs}
         steps = [_Step(j.stage, p, list(phase)) for j in jobs for p, phase in enumerate(j.phases) if phase]
         active = self.store.rows(key, "active")
