@@ -52,20 +52,46 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except PostgresError as e:
             fail(str(e), 1)
-        except sqlalchemy.exc.OperationalError as e:
-            reason = str(e.orig if e.orig is not None else e).strip().splitlines()[0]
-            fail(f"database error: {reason}", 1)
         except (click.exceptions.Exit, click.ClickException, SystemExit, KeyboardInterrupt):
             raise
-        except Exception as e:  # a bug: one line for the user, the traceback kept for the report
-            import tempfile
-            import traceback
+        except Exception as e:
+            full = _disk_full(e)
+            if full:
+                fail(f"no space left on device ({full}); free some and run the same command to resume", 1)
+            if isinstance(e, sqlalchemy.exc.OperationalError):
+                reason = str(e.orig if e.orig is not None else e).strip().splitlines()[0]
+                fail(f"database error: {reason}", 1)
+            _crash(e)
 
-            fd, path = tempfile.mkstemp(prefix="gridsearch-crash-", suffix=".log")
-            with os.fdopen(fd, "w") as f:
-                f.write(traceback.format_exc())
-            first = (str(e).strip().splitlines() or [""])[0]
-            fail(f"internal error: {type(e).__name__}: {first} (traceback in {path})", 1)
+        return None
+
+
+def _disk_full(e: BaseException) -> str | None:
+    """A full disk surfaces wrapped (optuna, SQLAlchemy, sqlite3): find it in the cause chain."""
+    import errno
+
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.errno == errno.ENOSPC:
+            return str(cur.filename or cur.strerror)
+        if "database or disk is full" in str(cur) or "No space left on device" in str(cur):
+            return (str(cur).strip().splitlines() or [""])[0][:200]
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+def _crash(e: BaseException) -> None:
+    """A bug: one line for the user, the traceback kept for the report."""
+    import tempfile
+    import traceback
+
+    fd, path = tempfile.mkstemp(prefix="gridsearch-crash-", suffix=".log")
+    with os.fdopen(fd, "w") as f:
+        f.write("".join(traceback.format_exception(e)))
+    first = (str(e).strip().splitlines() or [""])[0]
+    fail(f"internal error: {type(e).__name__}: {first} (traceback in {path})", 1)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -654,8 +654,11 @@ class ManagedServer(PostgresServer):
         )
         if res.returncode != 0:
             lines = [ln for ln in (res.stderr + "\n" + res.stdout).splitlines() if ln.strip()]
+            # The cause (e.g. a FATAL "No space left on device") is on stderr, between initdb's
+            # progress lines: prefer it over the last progress line.
+            markers = ("fatal:", "no space left", "could not", "error")
             reason = next(
-                (ln for ln in lines if "error" in ln.lower()),
+                (ln.split("FATAL:", 1)[-1] for m in markers for ln in lines if m in ln.lower()),
                 lines[-1] if lines else "no output",
             )
             raise PostgresError(f"initdb failed in {self.data_dir}: {reason.strip()}")
