@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
 import tempfile
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,27 @@ def open_tmp() -> Iterator[Path]:
     d.chmod(0o711)
     yield d
     shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def small_disk() -> Iterator[Callable[[str], Path]]:
+    """mount(size) -> a fresh tmpfs of that size: a real full disk for the tests that need one."""
+    mounts: list[Path] = []
+
+    def mount(size: str) -> Path:
+        mnt = Path(tempfile.mkdtemp(prefix="gs-full-", dir="/tmp"))
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0711", "tmpfs", str(mnt)],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            mnt.rmdir()
+            pytest.skip(f"cannot mount a small tmpfs here: {r.stderr.strip()}")
+        mounts.append(mnt)
+        return mnt
+
+    yield mount
+    for mnt in mounts:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+        mnt.rmdir()
 
 
 def pg_available() -> bool:

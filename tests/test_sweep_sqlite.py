@@ -188,31 +188,21 @@ def test_restart_archives_earlier_results_and_starts_over(movie: dict[str, Path]
     assert all(Path(c).read_text().count("max_area = 900") == 1 for c in df.config)
 
 
-def test_disk_full_mid_sweep_is_one_line_and_resumable(movie: dict[str, Path]) -> None:
+def test_disk_full_mid_sweep_is_one_line_and_resumable(movie: dict[str, Path], small_disk) -> None:  # type: ignore[no-untyped-def]
     """A real full disk in the middle of a sweep: the workdir on a tmpfs that fills up."""
-    import tempfile
-
-    mnt = Path(tempfile.mkdtemp(prefix="gs-full-", dir="/tmp"))
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=240k", "tmpfs", str(mnt)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {r.stderr.strip()}")
-    try:
-        grid = "grid:\n  segmentation.min_area: [30, 60]\n  tracking.appear_weight: [-0.1, -0.5]\n"
-        spec = write_spec(mnt, movie, name="full", grid=grid)
-        cli = [sys.executable, "-m", "gridsearch.cli", "sweep", "-q", str(spec)]
-        r = subprocess.run(cli, capture_output=True, text=True)
-        assert r.returncode == 1, r.stderr
-        last = r.stderr.strip().splitlines()[-1]
-        assert last.startswith("error: no space left on device"), r.stderr
-        assert "Traceback" not in r.stderr
-        # room again (a bigger disk): the same command finishes the sweep from its ledger
-        subprocess.run(["mount", "-o", "remount,size=20m", str(mnt)], check=True)
-        r = subprocess.run(cli, capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr
-        with existing_ledger(load(spec)) as led:
-            df = results.table(load(spec), led)
-        assert set(df.state) == {"done"} and len(df) == 4
-    finally:
-        subprocess.run(["umount", str(mnt)], capture_output=True)
-        mnt.rmdir()
+    mnt = small_disk("240k")
+    grid = "grid:\n  segmentation.min_area: [30, 60]\n  tracking.appear_weight: [-0.1, -0.5]\n"
+    spec = write_spec(mnt, movie, name="full", grid=grid)
+    cli = [sys.executable, "-m", "gridsearch.cli", "sweep", "-q", str(spec)]
+    r = subprocess.run(cli, capture_output=True, text=True)
+    assert r.returncode == 1, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: no space left on device"), r.stderr
+    assert "Traceback" not in r.stderr
+    # room again (a bigger disk): the same command finishes the sweep from its ledger
+    subprocess.run(["mount", "-o", "remount,size=20m", str(mnt)], check=True)
+    r = subprocess.run(cli, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    with existing_ledger(load(spec)) as led:
+        df = results.table(load(spec), led)
+    assert set(df.state) == {"done"} and len(df) == 4
