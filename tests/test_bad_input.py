@@ -57,6 +57,10 @@ def _case(tmp: Path, movie: dict[str, Path], case: str) -> Path:
         extra = ""
     elif case == "sqlite with workers":
         extra = "executor: {kind: local, workers: 3}\n"
+    elif case == "objective without ground truth":
+        extra = "objective: TRA\n"
+    elif case == "unknown objective":
+        extra = "objective: accuracy\n"
     elif case == "invalid yaml":
         pass
     spec = write_spec(tmp, m, name="bad", grid=grid, extra=extra, base=base)
@@ -70,7 +74,8 @@ def _case(tmp: Path, movie: dict[str, Path], case: str) -> Path:
 CASES = ["unknown top-level key", "missing data", "unreadable array", "shape mismatch", "empty list",
          "absurd grid", "unsweepable key", "execution key", "unknown ultrack key",
          "min_area above max_area", "bad literal", "bad type", "duplicate values", "bad base config",
-         "missing base config file", "bad name", "sqlite with workers", "invalid yaml"]
+         "missing base config file", "bad name", "sqlite with workers", "invalid yaml",
+         "objective without ground truth", "unknown objective"]
 
 WHERE = {"unknown top-level key": "colour", "missing data": "data.foreground",
          "unreadable array": "data.contours", "shape mismatch": "shape", "empty list": "min_area",
@@ -79,7 +84,8 @@ WHERE = {"unknown top-level key": "colour", "missing data": "data.foreground",
          "min_area above max_area": "min_area=2000", "bad literal": "solver_name",
          "bad type": "max_distance", "duplicate values": "duplicate", "bad base config": "max_areaa",
          "missing base config file": "nothere.toml", "bad name": "name",
-         "sqlite with workers": "workers", "invalid yaml": "bad.yaml:"}
+         "sqlite with workers": "workers", "invalid yaml": "bad.yaml:",
+         "objective without ground truth": "need data.ground_truth", "unknown objective": "accuracy"}
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -222,3 +222,26 @@ def test_disk_full_is_one_line_and_leaves_nothing_half_done(movie: dict[str, Pat
     assert "Traceback" not in r.stderr
     assert not (mnt / "runs" / "full" / "postgres" / "data").exists()  # initdb cleaned up
     assert not _server(spec).is_running()
+
+
+def test_restart_on_postgres_keeps_the_old_ledger_database(open_tmp: Path, movie: dict[str, Path]) -> None:
+    spec = write_spec(open_tmp, movie, name="pgrs", extra=PG,
+                      grid="grid:\n  tracking.appear_weight: [-0.1]\n")
+    cli = [sys.executable, "-m", "gridsearch.cli"]
+    assert subprocess.run([*cli, "sweep", "-q", str(spec)], capture_output=True).returncode == 0
+    spec.write_text(spec.read_text().replace("max_area: 1000", "max_area: 900"))
+    r = subprocess.run([*cli, "sweep", "-q", str(spec)], capture_output=True, text=True)
+    assert r.returncode == 2 and "--restart" in r.stderr
+    r = subprocess.run([*cli, "sweep", "-q", "--restart", str(spec)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    server = _server(spec)
+    server.start()
+    try:
+        names = [d["name"] for d in server.list_databases()]
+    finally:
+        server.stop()
+    assert any(n.startswith("gs_pgrs_state_archived_") for n in names), names
+    with existing_ledger(load(spec)) as led:
+        df = results.table(load(spec), led)
+        assert len(led.study.get_trials()) == 1
+    assert set(df.state) == {"done"}

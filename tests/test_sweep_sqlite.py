@@ -206,3 +206,18 @@ def test_disk_full_mid_sweep_is_one_line_and_resumable(movie: dict[str, Path], s
     with existing_ledger(load(spec)) as led:
         df = results.table(load(spec), led)
     assert set(df.state) == {"done"} and len(df) == 4
+
+
+def test_label_images_dropped_on_request_but_scores_kept(movie: dict[str, Path], tmp_path: Path) -> None:
+    base = (f"  ground_truth: {movie['gt']}\n"
+            "config:\n  segmentation: {max_area: 1000}\n  tracking: {solver_name: CBC}\n")
+    for keep in (True, False):
+        spec = write_spec(tmp_path / str(keep), movie, name=f"k{keep}", base=base,
+                          grid="grid:\n  linking.max_distance: [15.0]\n",
+                          extra=f"keep_label_images: {str(keep).lower()}\n")
+        assert run_sweep(load(spec)).completed == 1
+        with existing_ledger(load(spec)) as led:
+            row = results.table(load(spec), led).iloc[0]
+        ctc = Path(row["tracks_csv"]).parent / "ctc"
+        assert (ctc / "res_track.txt").is_file() and row["TRA"] > 0.9
+        assert bool(list(ctc.glob("mask*.tif"))) is keep
