@@ -7,16 +7,23 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 from rich.console import Console
 from rich.table import Table
 
-from gridsearch.spec import SpecError, Sweep, load
+from gridsearch.core.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    GridsearchError,
+    first_line,
+    one_line,
+)
+from gridsearch.spec import Sweep, load
 from gridsearch.stages import Stage, start_label
-
-EXIT_BAD_INPUT = 2
 
 
 def _console() -> Console:
@@ -27,43 +34,38 @@ def _console() -> Console:
         return Console()
 
 
-def fail(msg: str, code: int = EXIT_BAD_INPUT) -> None:
+def fail(msg: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
     click.echo(f"error: {msg}", err=True)
     sys.exit(code)
 
 
 def _load(spec: str) -> Sweep:
-    try:
-        return load(spec)
-    except SpecError as e:
-        fail(str(e))
-        raise  # unreachable
+    return load(spec)
 
 
 class _Group(click.Group):
-    """Environment failures (a server down, a wrong password) end in one line, never a traceback."""
+    """The one exit-code policy (gridsearch.core.errors) for every command: an expected failure
+    ends in one line and its exit code, never a traceback; a bug in one line plus a crash log."""
 
     def invoke(self, ctx: click.Context) -> Any:
         import sqlalchemy.exc
 
-        from gridsearch.postgres import PostgresError
-
         try:
             return super().invoke(ctx)
-        except PostgresError as e:
-            fail(str(e), 1)
-        except (click.exceptions.Exit, click.ClickException, SystemExit, KeyboardInterrupt):
+        except GridsearchError as e:
+            fail(str(e), e.exit_code)
+        except KeyboardInterrupt:
+            fail("interrupted; run the same command again to resume", EXIT_INTERRUPTED)
+        except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise
         except Exception as e:
             full = _disk_full(e)
             if full:
-                fail(f"no space left on device ({full}); free some and run the same command to resume", 1)
+                fail(f"no space left on device ({full}); free some and run the same command to resume",
+                     EXIT_FAILED)
             if isinstance(e, sqlalchemy.exc.OperationalError):
-                reason = str(e.orig if e.orig is not None else e).strip().splitlines()[0]
-                fail(f"database error: {reason}", 1)
+                fail(f"database error: {first_line(e.orig if e.orig is not None else e)}", EXIT_FAILED)
             _crash(e)
-
-        return None
 
 
 def _disk_full(e: BaseException) -> str | None:
@@ -90,8 +92,7 @@ def _crash(e: BaseException) -> None:
     fd, path = tempfile.mkstemp(prefix="gridsearch-crash-", suffix=".log")
     with os.fdopen(fd, "w") as f:
         f.write("".join(traceback.format_exception(e)))
-    first = (str(e).strip().splitlines() or [""])[0]
-    fail(f"internal error: {type(e).__name__}: {first} (traceback in {path})", 1)
+    fail(f"internal error: {one_line(e)} (traceback in {path})", EXIT_FAILED)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -108,28 +109,18 @@ def main() -> None:
 def sweep(spec: str, restart: bool, quiet: bool) -> None:
     """Run the sweep, or resume it where it stopped."""
     from gridsearch.engine import run_sweep
-    from gridsearch.executors.base import SweepCancelled
-    from gridsearch.postgres import PostgresError
     from gridsearch.progress import RichReporter, Silent
-    from gridsearch.workspace import Busy
 
     sw = _load(spec)
     console = _console()
     reporter = Silent() if quiet else RichReporter(console)
-    try:
-        out = run_sweep(sw, restart=restart, reporter=reporter)
-    except (SpecError, Busy, PostgresError) as e:
-        fail(str(e))
-    except KeyboardInterrupt:
-        fail("interrupted; run the same command again to resume", 130)
-    except SweepCancelled as e:
-        fail(f"{e}; run the same command again to resume", 1)
+    out = run_sweep(sw, restart=restart, reporter=reporter)
     console.print(
         f"{out.completed} completed, {out.failed} failed, {out.skipped} already done; stage runs: "
         + ", ".join(f"{s.label} {out.stage_runs[s]}" for s in Stage)
         + f"; {out.wall_s:.1f} s"
     )
-    sys.exit(1 if out.failed else 0)
+    sys.exit(EXIT_FAILED if out.failed else EXIT_OK)
 
 
 @main.command()
@@ -189,26 +180,11 @@ def plan(spec: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def status(spec: str, as_json: bool) -> None:
     """Trials by state, stage runs per stage (reruns included), what is running."""
-    from gridsearch import results
-    from gridsearch.engine import existing_ledger
-    from gridsearch.workspace import Workspace
+    from gridsearch import views
 
     sw = _load(spec)
-    ws = Workspace(sw.workdir)
-    by_state: dict[str, int] = {"done": 0, "failed": 0, "running": 0, "pending": len(sw.trials)}
-    runs: dict[str, dict[str, int]] = {s.label: {} for s in Stage}
-    running: list[dict[str, Any]] = []
-    with existing_ledger(sw) as led:
-        if led is not None:
-            df = results.table(sw, led)
-            by_state = {k: int((df["state"] == k).sum()) for k in by_state}
-            for r in led.stage_runs():
-                runs[r["stage"]][r["state"]] = runs[r["stage"]].get(r["state"], 0) + 1
-                if r["state"] == "running":
-                    running.append({k: r[k] for k in ("trial_key", "stage", "batches_done", "batches_total")})
-    holder = ws.holder()
-    doc = {"sweep": sw.name, "workdir": str(sw.workdir), "driver_pid": holder, "trials": by_state,
-           "stage_runs": runs, "running": running if holder else []}
+    doc = views.status(sw)
+    by_state, runs, holder = doc["trials"], doc["stage_runs"], doc["driver_pid"]
     if as_json:
         click.echo(json.dumps(doc, indent=1))
         return
@@ -231,47 +207,18 @@ def status(spec: str, as_json: bool) -> None:
 def results(spec: str, output: str | None, sort_by: str | None, top: int | None) -> None:
     """One row per trial: parameters, state, stage times, figures, metrics, provenance."""
     from gridsearch import results as res
-    from gridsearch.engine import existing_ledger
+    from gridsearch import views
 
     sw = _load(spec)
-    with existing_ledger(sw) as led:
-        if led is None:
-            fail(f"{sw.workdir}: no sweep state yet; run `gridsearch sweep {spec}` first", 1)
-        df = res.table(sw, led)
-    if sort_by:
-        if sort_by not in df.columns:
-            fail(f"--sort {sort_by}: no such column; columns are: {', '.join(df.columns)}")
-        df = df.sort_values(sort_by, ascending=sort_by not in ("objective", sw.objective), na_position="last")
-    if top:
-        df = df.head(top)
-    if output:
-        try:
-            res.write(df, Path(output))
-        except ValueError as e:
-            fail(str(e))
-        click.echo(f"{len(df)} rows written to {output}")
+    df = views.sorted_rows(views.results_table(sw), sw, sort_by, top)
+    if not output:
+        _console().print(views.screen_table(df, sw))
         return
-    hidden = {"number", "config", "tracks_csv", "started", "finished", "ultrack", "gridsearch",
-              "optuna_trial", "error", "Valid", "appearances", "disappearances"}
-    show = [c for c in df.columns if c not in hidden and not c.startswith("AOGM")]
-    t = Table(caption=f"objective: {sw.objective}; every column: -o FILE")
-    for col in show:
-        # on screen, a swept key's section is implied by the stage columns
-        t.add_column(col.split(".", 1)[1] if col in sw.grid_keys else col, overflow="fold",
-                     no_wrap=col == "trial")
-    for _, row in df[show].iterrows():
-        t.add_row(*("" if _isna(v) else (f"{v:.3f}" if isinstance(v, float) else str(v)) for v in row))
-    _console().print(t)
-
-
-def _table(sw: Sweep, spec: str) -> Any:
-    from gridsearch import results as res
-    from gridsearch.engine import existing_ledger
-
-    with existing_ledger(sw) as led:
-        if led is None:
-            fail(f"{sw.workdir}: no sweep state yet; run `gridsearch sweep {spec}` first", 1)
-        return res.table(sw, led)
+    try:
+        res.write(df, Path(output))
+    except ValueError as e:
+        fail(str(e))
+    click.echo(f"{len(df)} rows written to {output}")
 
 
 @main.command()
@@ -280,16 +227,17 @@ def _table(sw: Sweep, spec: str) -> Any:
 @click.option("--objective", help="Rank by this column instead of the sweep's objective.")
 def best(spec: str, output: str | None, objective: str | None) -> None:
     """The best trial's complete ultrack config, ready for the full dataset, and why it won."""
+    from gridsearch import views
     from gridsearch.best import best_config_toml, best_trial, why
 
     sw = _load(spec)
-    df = _table(sw, spec)
+    df = views.results_table(sw)
     obj = objective or sw.objective
     try:
         row = best_trial(df, obj)
         text = best_config_toml(row)
     except ValueError as e:
-        fail(str(e), 1)
+        fail(str(e), EXIT_FAILED)
     if output:
         Path(output).write_text(text)
     else:
@@ -304,13 +252,11 @@ def best(spec: str, output: str | None, objective: str | None) -> None:
 def plot(spec: str, out_dir: str, objective: str | None) -> None:
     """PNG plots: objective per parameter, heat maps, importance, stage times."""
     from gridsearch import results as res
-    from gridsearch.engine import existing_ledger
+    from gridsearch import views
     from gridsearch.plots import plot_all
 
     sw = _load(spec)
-    with existing_ledger(sw) as led:
-        if led is None:
-            fail(f"{sw.workdir}: no sweep state yet; run `gridsearch sweep {spec}` first", 1)
+    with views.ledger_of(sw) as led:
         df = res.table(sw, led)
         files = plot_all(df, led.study, sw.grid_keys, objective or sw.objective, Path(out_dir))
     for f in files:
@@ -323,17 +269,15 @@ def plot(spec: str, out_dir: str, objective: str | None) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True)
 def dashboard(spec: str, port: int, host: str) -> None:
     """optuna-dashboard on the sweep's study (pip install 'gridsearch[dashboard]')."""
+    from gridsearch import views
     from gridsearch.dashboard import DashboardMissing, launch
-    from gridsearch.engine import existing_ledger
 
     sw = _load(spec)
-    with existing_ledger(sw) as led:
-        if led is None:
-            fail(f"{sw.workdir}: no sweep state yet; run `gridsearch sweep {spec}` first", 1)
+    with views.ledger_of(sw) as led:
         try:
             launch(led.storage, port=port, host=host)
         except DashboardMissing as e:
-            fail(str(e), 1)
+            fail(str(e), EXIT_FAILED)
 
 
 @main.command()
@@ -356,7 +300,7 @@ def db() -> None:
 
 
 def _managed(spec: str) -> tuple[Sweep, Any]:
-    from gridsearch.pgbackend import managed_server
+    from gridsearch.backends.postgres import managed_server
     from gridsearch.workspace import Workspace
 
     sw = _load(spec)
@@ -365,24 +309,8 @@ def _managed(spec: str) -> tuple[Sweep, Any]:
     return sw, managed_server(sw, Workspace(sw.workdir))
 
 
-def _pg_errors(fn: Any) -> Any:
-    import functools
-
-    @functools.wraps(fn)
-    def wrapper(*a: Any, **k: Any) -> Any:
-        from gridsearch.postgres import PostgresError
-
-        try:
-            return fn(*a, **k)
-        except PostgresError as e:
-            fail(str(e), 1)
-
-    return wrapper
-
-
 @db.command("start")
 @click.argument("spec", type=click.Path(dir_okay=False))
-@_pg_errors
 def db_start(spec: str) -> None:
     """Start (initialising if needed) and leave running; sweeps on SPEC reuse it and leave it up."""
     sw, server = _managed(spec)
@@ -394,7 +322,6 @@ def db_start(spec: str) -> None:
 
 @db.command("stop")
 @click.argument("spec", type=click.Path(dir_okay=False))
-@_pg_errors
 def db_stop(spec: str) -> None:
     """Stop the sweep's managed server (refused while a sweep runs on it)."""
     from gridsearch.workspace import Workspace
@@ -402,14 +329,13 @@ def db_stop(spec: str) -> None:
     sw, server = _managed(spec)
     holder = Workspace(sw.workdir).holder()
     if holder:
-        fail(f"{sw.workdir}: a sweep is running on this server (pid {holder}); stop it first", 1)
+        fail(f"{sw.workdir}: a sweep is running on this server (pid {holder}); stop it first", EXIT_FAILED)
     click.echo("stopped" if server.stop() else "not running")
 
 
 @db.command("status")
 @click.argument("spec", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True)
-@_pg_errors
 def db_status(spec: str, as_json: bool) -> None:
     """Host, port, databases with their size, open connections."""
     _, server = _managed(spec)
@@ -426,27 +352,17 @@ def db_status(spec: str, as_json: bool) -> None:
 
 @db.command("url")
 @click.argument("spec", type=click.Path(dir_okay=False))
-@_pg_errors
 def db_url(spec: str) -> None:
     """libpq URL of the sweep's ultrack database, without the password (set PGPASSWORD)."""
-    from gridsearch.pgbackend import db_name
+    from gridsearch.backends.postgres import db_name
+    from gridsearch.postgres import DEFAULT_ROLE, Credentials, ultrack_address
 
     sw, server = _managed(spec)
     if not server.is_running():
-        fail(f"{sw.workdir}: the server is not running; `gridsearch db start {spec}`", 1)
-    from gridsearch.postgres import DEFAULT_ROLE
-
+        fail(f"{sw.workdir}: the server is not running; `gridsearch db start {spec}`", EXIT_FAILED)
     # not server.credentials(): that would reset the password under a running sweep
-    click.echo(f"postgresql://{DEFAULT_ROLE}@{server.host}:{server.port}/{db_name(sw, 'main')}")
-
-
-def _isna(v: Any) -> bool:
-    try:
-        import pandas as pd
-
-        return bool(pd.isna(v))
-    except (TypeError, ValueError):
-        return False
+    where = Credentials(server.host, server.port, DEFAULT_ROLE)
+    click.echo(f"postgresql://{ultrack_address(where, db_name(sw, 'main'))}")
 
 
 if __name__ == "__main__":

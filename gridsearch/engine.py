@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -13,16 +12,18 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from gridsearch import results
-from gridsearch.backends import Backend, open_backend
-from gridsearch.executors.base import Executor, StageFailed, StageJob, SweepCancelled
+from gridsearch import executors, results
+from gridsearch.backends import open_backend
+from gridsearch.core.errors import one_line
+from gridsearch.core.signals import terminate_as_exit
+from gridsearch.executors.base import Executor, ExecutorContext, StageFailed, StageJob, SweepCancelled
 from gridsearch.ledger import Ledger
-from gridsearch.planner import Plan, make_plan
+from gridsearch.planner import Plan, PlannedTrial, make_plan
 from gridsearch.progress import Reporter, Silent
+from gridsearch.runtime import fd_redirect
 from gridsearch.spec import SpecError, Sweep, Trial
-from gridsearch.stages import Stage, earliest_changed_stage
-from gridsearch.ultrackdb import UltrackDB, stage_phases
-from gridsearch.worker import fd_redirect
+from gridsearch.stages import Stage, earliest_changed_stage, stage_phases
+from gridsearch.ultrackdb import UltrackDB
 from gridsearch.workspace import Workspace
 
 MAIN_DB = "main"
@@ -35,21 +36,6 @@ class Outcome:
     skipped: int
     stage_runs: dict[Stage, int]
     wall_s: float
-
-
-@contextlib.contextmanager
-def terminate_as_exit() -> Iterator[None]:
-    """SIGTERM (scancel, kill, a batch system's timeout) unwinds like Ctrl-C: finally blocks run,
-    workers and servers stop, and the ledger is left as a kill would leave it: recoverable."""
-
-    def handler(signum: int, frame: Any) -> None:
-        raise SystemExit(128 + signum)
-
-    old = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
 
 
 def check_compatible(ledger: Ledger, sweep: Sweep) -> None:
@@ -77,47 +63,32 @@ def archive(ws: Workspace) -> Path | None:
     return dest
 
 
-def make_executor(sweep: Sweep, ws: Workspace, backend: Backend, ledger: Ledger) -> Executor:
-    ex = sweep.executor
-    if ex.kind == "slurm":
-        from gridsearch.executors.slurm import SlurmExecutor
-
-        return SlurmExecutor(sweep, ws, backend, ledger)
-    if ex.workers == 1 and backend.kind == "sqlite":
-        from gridsearch.executors.local import InProcessExecutor
-
-        return InProcessExecutor(ws.logs)
-    from gridsearch.executors.local import PoolExecutor
-
-    return PoolExecutor(ex.workers, ws.logs, backend.env)
-
-
-def frames_per_batch(sweep: Sweep) -> int:
-    return sweep.executor.frames_per_batch if sweep.executor.kind == "slurm" else 1
-
-
 class _StageEvents:
     """Executor callbacks -> ledger writes; the ledger is the only place a stage becomes trusted."""
 
-    def __init__(self, ledger: Ledger, db: UltrackDB, trial: Trial, reporter: Reporter) -> None:
-        self.ledger, self.db, self.trial, self.reporter = ledger, db, trial, reporter
-        self.runs: dict[Stage, int] = {}
+    def __init__(self, ledger: Ledger, db: UltrackDB, trial: Trial, runs: dict[Stage, int],
+                 reporter: Reporter) -> None:
+        self.ledger, self.db, self.trial, self.runs, self.reporter = ledger, db, trial, runs, reporter
         self.walls: dict[Stage, float] = {}
 
     def stage_started(self, stage: Stage, n_batches: int) -> None:
-        self.runs[stage] = self.ledger.begin_stage(
-            self.db.name, stage, self.trial.key, self.trial.fps[stage], n_batches
-        )
+        self.ledger.start_stage(self.runs[stage], n_batches)
         self.reporter.stage_started(stage, n_batches)
 
     def batch_done(self, stage: Stage, batch: int) -> None:
-        self.ledger.batch_done(self.runs[stage])
         self.reporter.batch_done(stage, batch)
 
     def stage_done(self, stage: Stage) -> None:
-        wall = self.ledger.finish_stage(self.runs[stage], self.db.name, stage, self.trial.fps[stage])
+        wall = self.ledger.finish_stage(self.runs[stage], self.db.name, stage,
+                                        self.trial.fingerprints[stage])
         self.walls[stage] = wall
         self.reporter.stage_done(stage, wall)
+
+    def failed(self, reason: str) -> None:
+        unfinished = [run for stage, run in self.runs.items() if stage not in self.walls]
+        for run in unfinished:
+            self.ledger.fail_stage(run, reason)
+        self.ledger.abandon_queued(unfinished)
 
 
 @contextlib.contextmanager
@@ -128,7 +99,7 @@ def existing_ledger(sweep: Sweep) -> Iterator[Ledger | None]:
         yield None
         return
     with open_backend(sweep, ws, read_only=True) as backend:
-        ledger = Ledger(backend.ledger_url, sweep.name, backend.engine_kwargs)
+        ledger = Ledger(backend.ledger_url, sweep.name, backend.engine_kwargs, read_only=True)
         try:
             yield ledger
         finally:
@@ -146,17 +117,11 @@ def run_sweep(sweep: Sweep, *, restart: bool = False, reporter: Reporter | None 
     ws = Workspace(sweep.workdir)
     t0 = time.perf_counter()
     with terminate_as_exit(), ws.lock():
-        if restart:
-            dest = archive(ws)
-            if dest:
-                rep.message(f"previous results archived in {dest}")
+        if restart and (dest := archive(ws)):
+            rep.message(f"previous results archived in {dest}")
         with open_backend(sweep, ws) as backend:
-            if restart and backend.kind != "sqlite":
-                from gridsearch.pgbackend import archive_state
-
-                old = archive_state(backend)
-                if old:
-                    rep.message(f"previous ledger kept in database {old}")
+            if restart and (old := backend.archive_ledger()):
+                rep.message(f"previous ledger kept in database {old}")
             ledger = Ledger(backend.ledger_url, sweep.name, backend.engine_kwargs)
             try:
                 check_compatible(ledger, sweep)
@@ -164,11 +129,10 @@ def run_sweep(sweep: Sweep, *, restart: bool = False, reporter: Reporter | None 
                 if n:
                     rep.message(f"{n} interrupted stage run(s) found: their results will be recomputed")
                 plan = plan_for(sweep, ledger)
-                db = backend.ultrack_db(MAIN_DB)
-                executor = make_executor(sweep, ws, backend, ledger)
+                executor = executors.create(ExecutorContext(sweep, ws, backend, ledger))
                 rep.sweep_started(plan)
                 try:
-                    outcome = _run_plan(sweep, ws, plan, ledger, db, executor, rep)
+                    outcome = _Driver(sweep, ws, ledger, backend.ultrack_db(MAIN_DB), executor, rep).run(plan)
                 finally:
                     executor.close()
                     rep.close()
@@ -178,73 +142,79 @@ def run_sweep(sweep: Sweep, *, restart: bool = False, reporter: Reporter | None 
     return outcome
 
 
-def _run_plan(
-    sweep: Sweep,
-    ws: Workspace,
-    plan: Plan,
-    ledger: Ledger,
-    db: UltrackDB,
-    executor: Executor,
-    rep: Reporter,
-) -> Outcome:
-    completed = failed = 0
-    runs = {s: 0 for s in Stage}
-    pending = plan.pending
-    provenance = {"ultrack": version("ultrack"), "gridsearch": version("gridsearch")}
-    if pending:
-        results.warm_up_in_background()
-    for k, p in enumerate(pending, start=1):
-        trial = p.trial
+class _Driver:
+    """One database, trials one after another: clear -> executor -> export -> record."""
+
+    def __init__(self, sweep: Sweep, ws: Workspace, ledger: Ledger, db: UltrackDB, executor: Executor,
+                 rep: Reporter) -> None:
+        self.sweep, self.ws, self.ledger, self.db = sweep, ws, ledger, db
+        self.executor, self.rep = executor, rep
+        self.stage_runs = {s: 0 for s in Stage}
+        self.provenance = {"ultrack": version("ultrack"), "gridsearch": version("gridsearch")}
+
+    def run(self, plan: Plan) -> Outcome:
+        pending = plan.pending
+        if pending:
+            results.warm_up_in_background()
+        completed = failed = 0
+        for k, planned in enumerate(pending, start=1):
+            if self.run_trial(planned, k, len(pending)):
+                completed += 1
+            else:
+                failed += 1
+        return Outcome(completed, failed, len(plan.trials) - len(pending), self.stage_runs, 0.0)
+
+    def _jobs(self, trial: Trial, first: Stage, config_path: Path) -> list[StageJob]:
+        """Open a run per stage (re-attaching a killed driver's live jobs), clear what is stale."""
+        stages = [s for s in Stage if s >= first]
+        self.ledger.invalidate(self.db.name, first)
+        adopted = self.executor.reattach(trial.key, first)
+        if not adopted:
+            self.db.clear(first)
+        runs = self.ledger.open_stage_runs(self.db.name, trial.key, trial.fingerprints, stages, adopted)
+        window = trial.sections["tracking"].get("window_size")
+        data = self.sweep.file.data
+        return [StageJob(s, runs[s], stage_phases(s, self.sweep.shape[0], self.executor.frames_per_batch,
+                                                  window),
+                         config_path, str(data.foreground), str(data.contours), trial.key)
+                for s in stages]
+
+    def run_trial(self, planned: PlannedTrial, k: int, n: int) -> bool:
+        trial = planned.trial
         # The plan fixed the order; what to clear is decided against the database as it is now.
-        first = earliest_changed_stage(ledger.held(db.name), trial.fps)
-        rep.trial_started(k, len(pending), trial, first)
-        number = ledger.start_trial(trial, first, sweep.file.grid)
-        tdir = ws.trial_dir(trial.key)
-        config_path = db.write_config(trial.sections, frames_per_batch(sweep), tdir / "config.toml")
-        events = _StageEvents(ledger, db, trial, rep)
+        first = earliest_changed_stage(self.ledger.held(self.db.name), trial.fingerprints)
+        self.rep.trial_started(k, n, trial, first)
+        number = self.ledger.start_trial(trial, first, self.sweep.file.grid)
+        tdir = self.ws.trial_dir(trial.key)
+        config_path = self.db.write_config(trial.sections, self.executor.frames_per_batch,
+                                           tdir / "config.toml")
+        events = _StageEvents(self.ledger, self.db, trial, {}, self.rep)
         try:
             if first is not None:
-                ledger.invalidate(db.name, first)
-                if not executor.reattach(trial.key, first):  # live jobs of a killed driver: keep
-                    db.clear(first)
-                jobs = [
-                    StageJob(
-                        s,
-                        stage_phases(
-                            s,
-                            sweep.shape[0],
-                            frames_per_batch(sweep),
-                            trial.sections["tracking"].get("window_size"),
-                        ),
-                        config_path,
-                        str(sweep.file.data.foreground),
-                        str(sweep.file.data.contours),
-                        trial.key,
-                    )
-                    for s in Stage
-                    if s >= first
-                ]
-                executor.run(jobs, events)
-            with fd_redirect(ws.logs / "ultrack.log"):
-                figures, metrics = results.export_trial(
-                    config_path, tdir, sweep.shape[0], sweep.file.data.ground_truth,
-                    sweep.file.keep_label_images,
-                )
+                jobs = self._jobs(trial, first, config_path)
+                events.runs.update({j.stage: j.run_id for j in jobs})
+                self.executor.run(jobs, events)
+            with fd_redirect(self.ws.logs / "ultrack.log"):
+                data = self.sweep.file
+                figures, metrics = results.export_trial(config_path, tdir, self.sweep.shape[0],
+                                                        data.data.ground_truth, data.keep_label_images)
         except SweepCancelled:
             raise  # the trial stays as a kill leaves it: resumable
         except Exception as e:  # a stage, the clear or the export failed: this trial, not the sweep
-            reason = str(e) if isinstance(e, StageFailed) else _one_line(e)
-            for stage, run_id in events.runs.items():
-                if stage not in events.walls:
-                    ledger.fail_stage(run_id, reason)
-            ledger.fail_trial(number, reason)
-            rep.trial_finished(trial, False, reason)
-            failed += 1
-            continue
+            reason = str(e) if isinstance(e, StageFailed) else one_line(e)
+            events.failed(reason)
+            self.ledger.fail_trial(number, reason)
+            self.rep.trial_finished(trial, False, reason)
+            return False
         finally:
             for s in events.walls:
-                runs[s] += 1
-        walls = ledger.stage_wall(trial.key)
+                self.stage_runs[s] += 1
+        self._record(trial, number, figures, metrics, config_path, tdir)
+        return True
+
+    def _record(self, trial: Trial, number: int, figures: dict[str, float], metrics: dict[str, float],
+                config_path: Path, tdir: Path) -> None:
+        walls = self.ledger.stage_wall(trial.key)
         attrs: dict[str, Any] = {
             "figures": figures,
             "metrics": metrics,
@@ -252,15 +222,8 @@ def _run_plan(
             "config": str(config_path),
             "tracks_csv": str(tdir / "tracks.csv"),
             "host": os.uname().nodename,
-            **provenance,
+            **self.provenance,
         }
-        value = {**figures, **metrics}.get(sweep.objective, float("nan"))
-        ledger.finish_trial(number, float(value), attrs)
-        rep.trial_finished(trial, True, "")
-        completed += 1
-    return Outcome(completed, failed, len(plan.trials) - len(pending), runs, 0.0)
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+        value = {**figures, **metrics}.get(self.sweep.objective, float("nan"))
+        self.ledger.finish_trial(number, float(value), attrs)
+        self.rep.trial_finished(trial, True, "")

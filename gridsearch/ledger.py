@@ -10,57 +10,24 @@ import json
 import math
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import optuna
 import sqlalchemy as sa
 
+from gridsearch.schema import batch_t, db_state_t, ensure, meta_t, stage_run_t
 from gridsearch.spec import Trial
 from gridsearch.stages import Stage, start_label
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-_md = sa.MetaData()
-
-meta_t = sa.Table(
-    "gs_meta",
-    _md,
-    sa.Column("key", sa.String(64), primary_key=True),
-    sa.Column("value", sa.Text, nullable=False),
-)
-
-db_state_t = sa.Table(
-    "gs_db_state",
-    _md,
-    sa.Column("database", sa.String(128), primary_key=True),
-    sa.Column("segment_fp", sa.String(64)),
-    sa.Column("link_fp", sa.String(64)),
-    sa.Column("solve_fp", sa.String(64)),
-    sa.Column("updated_at", sa.Float, nullable=False),
-)
-
-stage_run_t = sa.Table(
-    "gs_stage_run",
-    _md,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("trial_key", sa.String(32), nullable=False, index=True),
-    sa.Column("database", sa.String(128), nullable=False),
-    sa.Column("stage", sa.String(16), nullable=False),
-    sa.Column("fingerprint", sa.String(64), nullable=False),
-    # running -> done | failed | interrupted
-    sa.Column("state", sa.String(16), nullable=False),
-    sa.Column("batches_total", sa.Integer, nullable=False, default=0),
-    sa.Column("batches_done", sa.Integer, nullable=False, default=0),
-    sa.Column("started_at", sa.Float, nullable=False),
-    sa.Column("finished_at", sa.Float),
-    sa.Column("wall_s", sa.Float),
-    sa.Column("host", sa.String(128)),
-    sa.Column("error", sa.Text),
-)
-
 _FP_COL = {Stage.SEGMENT: "segment_fp", Stage.LINK: "link_fp", Stage.SOLVE: "solve_fp"}
+
+
+class LedgerError(RuntimeError):
+    """An invariant of the ledger would break: a bug, never bad input."""
 
 
 @dataclass(frozen=True)
@@ -78,14 +45,16 @@ class TrialRecord:
 
 
 class Ledger:
-    def __init__(self, url: str, study_name: str, engine_kwargs: dict[str, Any] | None = None) -> None:
+    def __init__(self, url: str, study_name: str, engine_kwargs: dict[str, Any] | None = None,
+                 *, read_only: bool = False) -> None:
+        """read_only: a view, which must not upgrade the schema under a running driver."""
         kw = dict(engine_kwargs or {})
         self.url = url
         self.engine = sa.create_engine(url, **kw)
         if url.startswith("sqlite"):
             # One driver writes; the status command may read concurrently: wait instead of failing.
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
-        _md.create_all(self.engine)
+        ensure(self.engine, migrate=not read_only, where=study_name)
         storage = optuna.storages.RDBStorage(url, engine_kwargs=kw or None)
         self.storage = storage
         self.study = optuna.create_study(
@@ -135,39 +104,64 @@ class Ledger:
             self._set_held(c, database, {_FP_COL[s]: None for s in Stage if s >= from_stage})
 
     # ---- stage runs ----------------------------------------------------------------------------
-    def begin_stage(self, database: str, stage: Stage, trial_key: str, fp: str, batches: int) -> int:
+    def open_stage_runs(self, database: str, trial_key: str, fingerprints: Mapping[Stage, str],
+                        stages: list[Stage], adopt: Mapping[Stage, int]) -> dict[Stage, int]:
+        """One run per stage, created before any batch is submitted so that every worker knows the
+        run it acknowledges. ``adopt``: runs of a killed driver whose jobs still run (kept, with
+        their acknowledgements)."""
+        now, host = time.time(), socket.gethostname()
+        runs: dict[Stage, int] = {}
         with self.engine.begin() as c:
-            self._set_held(c, database, {_FP_COL[s]: None for s in Stage if s >= stage})
-            res = c.execute(
-                stage_run_t.insert().values(
-                    trial_key=trial_key,
-                    database=database,
-                    stage=stage.label,
-                    fingerprint=fp,
-                    state="running",
-                    batches_total=batches,
-                    batches_done=0,
-                    started_at=time.time(),
-                    host=socket.gethostname(),
-                )
-            )
-            return int(res.inserted_primary_key[0])
+            self._set_held(c, database, {_FP_COL[s]: None for s in stages})
+            for stage in stages:
+                if stage in adopt:
+                    c.execute(stage_run_t.update().where(stage_run_t.c.id == adopt[stage])
+                              .values(state="queued", finished_at=None, host=host))
+                    runs[stage] = adopt[stage]
+                    continue
+                res = c.execute(stage_run_t.insert().values(
+                    trial_key=trial_key, database=database, stage=stage.label,
+                    fingerprint=fingerprints[stage], state="queued", batches_total=0,
+                    started_at=now, host=host))
+                runs[stage] = int(res.inserted_primary_key[0])
+        return runs
 
-    def batch_done(self, run_id: int) -> None:
+    def start_stage(self, run_id: int, batches: int) -> None:
+        """An adopted run keeps its start time: its wall time covers the jobs it adopted."""
         with self.engine.begin() as c:
-            c.execute(
-                stage_run_t.update()
-                .where(stage_run_t.c.id == run_id)
-                .values(batches_done=stage_run_t.c.batches_done + 1)
-            )
+            started = c.execute(sa.select(sa.func.count()).select_from(batch_t)
+                                .where(batch_t.c.run_id == run_id)).scalar_one() > 0
+            values: dict[str, Any] = {"state": "running", "batches_total": batches}
+            if not started:
+                values["started_at"] = time.time()
+            c.execute(stage_run_t.update().where(stage_run_t.c.id == run_id).values(**values))
+
+    def acked(self, run_ids: Iterable[int]) -> dict[int, set[int]]:
+        """Batches whose workers acknowledged them, per run: the only proof a batch is complete."""
+        ids = sorted(set(run_ids))
+        out: dict[int, set[int]] = {r: set() for r in ids}
+        if not ids:
+            return out
+        with self.engine.connect() as c:
+            for run_id, batch in c.execute(sa.select(batch_t.c.run_id, batch_t.c.batch)
+                                           .where(batch_t.c.run_id.in_(ids))):
+                out[run_id].add(batch)
+        return out
 
     def finish_stage(self, run_id: int, database: str, stage: Stage, fp: str) -> float:
-        """The stage's result becomes trusted in the same transaction that records it done."""
+        """The stage's result becomes trusted in the same transaction that records it done, and
+        only when every batch was acknowledged by its worker."""
         now = time.time()
         with self.engine.begin() as c:
-            started = c.execute(
-                sa.select(stage_run_t.c.started_at).where(stage_run_t.c.id == run_id)
-            ).scalar_one()
+            started, total = c.execute(
+                sa.select(stage_run_t.c.started_at, stage_run_t.c.batches_total)
+                .where(stage_run_t.c.id == run_id)
+            ).one()
+            acked = c.execute(sa.select(sa.func.count()).select_from(batch_t)
+                              .where(batch_t.c.run_id == run_id)).scalar_one()
+            if acked < total:
+                raise LedgerError(f"{stage.label} run {run_id}: {acked} of {total} batches acknowledged; "
+                                  "refusing to trust it")
             wall = now - started
             c.execute(
                 stage_run_t.update()
@@ -185,19 +179,33 @@ class Ledger:
                 .values(state="failed", finished_at=time.time(), error=error[:4000])
             )
 
-    def recover(self) -> int:
-        """Called with the sweep lock held: any 'running' run belongs to a driver that died."""
+    def abandon_queued(self, run_ids: Iterable[int]) -> None:
+        """Runs opened for stages that never started (an earlier stage failed)."""
         with self.engine.begin() as c:
+            c.execute(stage_run_t.update().where(stage_run_t.c.id.in_(list(run_ids)),
+                                                 stage_run_t.c.state == "queued")
+                      .values(state="abandoned", finished_at=time.time()))
+
+    def recover(self) -> int:
+        """Called with the sweep lock held: a 'running' run belongs to a driver that died; a
+        'queued' one never started. Returns how many were interrupted."""
+        now = time.time()
+        with self.engine.begin() as c:
+            c.execute(stage_run_t.update().where(stage_run_t.c.state == "queued")
+                      .values(state="abandoned", finished_at=now))
             res = c.execute(
                 stage_run_t.update()
                 .where(stage_run_t.c.state == "running")
-                .values(state="interrupted", finished_at=time.time())
+                .values(state="interrupted", finished_at=now)
             )
             return res.rowcount or 0
 
     def stage_runs(self) -> list[dict[str, Any]]:
+        """Every run, with ``batches_done``: how many of its batches their workers acknowledged."""
+        done = (sa.select(sa.func.count()).select_from(batch_t)
+                .where(batch_t.c.run_id == stage_run_t.c.id).scalar_subquery().label("batches_done"))
         with self.engine.connect() as c:
-            rows = c.execute(sa.select(stage_run_t).order_by(stage_run_t.c.id)).mappings().all()
+            rows = c.execute(sa.select(stage_run_t, done).order_by(stage_run_t.c.id)).mappings().all()
         return [dict(r) for r in rows]
 
     def stage_wall(self, trial_key: str) -> dict[Stage, float]:
@@ -217,7 +225,7 @@ class Ledger:
     def records(self) -> dict[str, TrialRecord]:
         """Latest attempt per trial key. Read once, then kept in step by this ledger's own writes
         (the sweep lock makes it the only writer): re-reading every trial per trial is quadratic,
-        and optuna's reads cost milliseconds per trial (DESIGN.md)."""
+        and optuna's reads are slow (trials_dataframe over 10,000 trials: 3.7 s)."""
         if self._records is None:
             self._records = {}
             for ft in self.study.get_trials(deepcopy=False):

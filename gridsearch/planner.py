@@ -80,7 +80,7 @@ def make_plan(
     state: dict[Stage, str | None] = dict(held)
     planned = [PlannedTrial(t, None, True) for t in trials if t.key in finished]
     for t in order:
-        first = earliest_changed_stage(state, t.fps)
+        first = earliest_changed_stage(state, t.fingerprints)
         planned.append(PlannedTrial(t, first, False))
-        state = dict(t.fps)
+        state = dict(t.fingerprints)
     return Plan(planned)

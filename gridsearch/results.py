@@ -58,7 +58,7 @@ def export_trial(
     moves on to the next trial."""
     from ultrack.core.export.tracks_layer import to_tracks_layer
 
-    from gridsearch.worker import load_config, prepare_ultrack, release_connections
+    from gridsearch.runtime import load_config, prepare_ultrack, release_connections
 
     prepare_ultrack()
     cfg = load_config(config_path)
@@ -89,7 +89,7 @@ def score_ctc(cfg: Any, ctc_dir: Path, gt: Path, keep_label_images: bool, empty:
         ctc_dir.mkdir(parents=True)
         (ctc_dir / "res_track.txt").write_text("")
     else:
-        from gridsearch.worker import release_connections
+        from gridsearch.runtime import release_connections
 
         try:
             to_ctc(ctc_dir, cfg, overwrite=True)

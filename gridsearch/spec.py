@@ -14,10 +14,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from gridsearch.core.errors import BadInput
 from gridsearch.stages import (
     EXECUTION_KEYS,
     SECTION_OF,
-    STAGE_OF_SECTION,
     Stage,
     canonical_json,
     fingerprints,
@@ -30,7 +30,7 @@ SUMMARY_FIGURES = ("selected_nodes", "tracks", "divisions", "mean_track_length")
 SWEEPABLE = tuple(SECTION_OF.values())
 
 
-class SpecError(Exception):
+class SpecError(BadInput):
     """Bad input: the message is one line naming what, where and why."""
 
 
@@ -108,14 +108,14 @@ class Trial:
     number: int  # position in the grid's cartesian order
     params: dict[str, Any]
     sections: dict[str, dict[str, Any]]  # validated ultrack sections (JSON mode), no [data]
-    fps: dict[Stage, str]
+    fingerprints: dict[Stage, str]  # per stage, chained: each covers everything upstream
 
     @property
     def key(self) -> str:
-        return self.fps[Stage.SOLVE][:12]
+        return self.fingerprints[Stage.SOLVE][:12]
 
     def prefix(self, stage: Stage) -> str:
-        return self.fps[stage]
+        return self.fingerprints[stage]
 
 
 @dataclass
@@ -354,7 +354,3 @@ def load(path: str | Path) -> Sweep:
             raise SpecError(f"{spec_path}: grid: duplicate values ({diff}) give the same ultrack config")
         seen[t.key] = t
     return Sweep(spec_path, sf, base_sections, data_identity, trials, fg_shape)
-
-
-def stage_of(key: str) -> Stage:
-    return STAGE_OF_SECTION[key.split(".", 1)[0]]

@@ -1,10 +1,12 @@
-"""The three ultrack database stages and the fingerprints that decide what must be recomputed."""
+"""The three ultrack database stages, the fingerprints that decide what must be recomputed, and how
+a stage splits into batches."""
 
 from __future__ import annotations
 
 import enum
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,27 +30,17 @@ class Stage(enum.IntEnum):
     def section(self) -> str:
         return SECTION_OF[self]
 
-    @property
-    def clear_mode(self) -> str:
-        """`ultrack clear_database` mode that must run before this stage."""
-        return {Stage.SEGMENT: "all", Stage.LINK: "links", Stage.SOLVE: "solutions"}[self]
-
     @classmethod
     def parse(cls, text: str) -> Stage:
         return cls[text.upper()]
 
 
 SECTION_OF = {Stage.SEGMENT: "segmentation", Stage.LINK: "linking", Stage.SOLVE: "tracking"}
-STAGE_OF_SECTION = {v: k for k, v in SECTION_OF.items()}
 
-# Keys that change how a stage is executed, not what it computes (DESIGN.md: n_workers gave identical
-# nodes, links and tracks); keeping them out of fingerprints lets the executor choose them freely.
+# Keys that change how a stage is executed, not what it computes (measured: batches of 1 and 3
+# frames gave identical nodes, links and tracks); keeping them out of fingerprints lets the
+# executor choose them freely.
 EXECUTION_KEYS = frozenset({"segmentation.n_workers", "linking.n_workers", "tracking.n_threads"})
-
-
-def stage_of_key(dotted: str) -> Stage:
-    section = dotted.split(".", 1)[0]
-    return STAGE_OF_SECTION[section]
 
 
 def canonical_json(value: Any) -> str:
@@ -94,3 +86,20 @@ def earliest_changed_stage(
 def start_label(stage: Stage | None) -> str:
     """Where a trial starts; 'export' when the database already holds its solution."""
     return "export" if stage is None else stage.label
+
+
+def stage_phases(
+    stage: Stage, n_frames: int, frames_per_batch: int, window_size: int | None
+) -> list[list[int]]:
+    """Batch indices in phases: every batch of a phase may run at once, phases run in order.
+
+    segment: batch 0 creates the tables, then the rest; link: all at once; solve: even windows, then
+    odd (measured: running them together gives different results)."""
+    max_t = n_frames - 1
+    if stage == Stage.SEGMENT:
+        n = math.ceil(n_frames / frames_per_batch)
+        return [[0], list(range(1, n))] if n > 1 else [[0]]
+    if stage == Stage.LINK:
+        return [list(range(math.ceil(max_t / frames_per_batch)))]
+    n = 1 if not window_size else math.ceil(max_t / window_size)
+    return [p for p in (list(range(0, n, 2)), list(range(1, n, 2))) if p]

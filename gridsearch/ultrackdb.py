@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import math
-import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import toml
 
+from gridsearch.core.files import atomic_write
 from gridsearch.stages import Stage
 
-# ultrack writes this next to the database; solve and export need it (DESIGN.md).
+# ultrack writes this next to the database (not in it); solve and export need it.
 METADATA = "metadata.toml"
 
 
@@ -24,7 +23,6 @@ class UltrackDB:
     working_dir: Path
     kind: str = "sqlite"  # sqlite | postgresql
     address: str | None = None  # user@host:port/dbname: never the password (libpq reads PGPASSWORD)
-    env: dict[str, str] = field(default_factory=dict, repr=False)  # libpq settings for workers
 
     def data_section(self) -> dict[str, Any]:
         sec: dict[str, Any] = {"working_dir": str(self.working_dir), "database": self.kind}
@@ -43,16 +41,11 @@ class UltrackDB:
         return cfg
 
     def write_config(self, sections: dict[str, dict[str, Any]], frames_per_batch: int, path: Path) -> Path:
-        cfg = self.config_dict(sections, frames_per_batch)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(toml.dumps(_drop_none(cfg)))
-        tmp.replace(path)
-        return path
+        return atomic_write(path, toml.dumps(_drop_none(self.config_dict(sections, frames_per_batch))))
 
     def clear(self, stage: Stage) -> None:
         """What `ultrack clear_database` does for the stage, with ultrack's own functions."""
-        from gridsearch.worker import release_connections
+        from gridsearch.runtime import release_connections
 
         try:
             self._clear(stage)
@@ -64,7 +57,7 @@ class UltrackDB:
         from ultrack.core.linking.utils import clear_linking_data
         from ultrack.core.solve.sqltracking import SQLTracking
 
-        from gridsearch.worker import prepare_ultrack
+        from gridsearch.runtime import prepare_ultrack
 
         prepare_ultrack()
         url = self.database_url()
@@ -93,26 +86,6 @@ class UltrackDB:
             return sa.inspect(eng).has_table("nodes")
         finally:
             eng.dispose()
-
-    def remove(self) -> None:
-        shutil.rmtree(self.working_dir, ignore_errors=True)
-
-
-def stage_phases(
-    stage: Stage, n_frames: int, frames_per_batch: int, window_size: int | None
-) -> list[list[int]]:
-    """Batch indices in phases: every batch of a phase may run at once, phases run in order.
-
-    segment: batch 0 creates the tables, then the rest; link: all at once; solve: even windows, then
-    odd (running them together gives different results, DESIGN.md)."""
-    max_t = n_frames - 1
-    if stage == Stage.SEGMENT:
-        n = math.ceil(n_frames / frames_per_batch)
-        return [[0], list(range(1, n))] if n > 1 else [[0]]
-    if stage == Stage.LINK:
-        return [list(range(math.ceil(max_t / frames_per_batch)))]
-    n = 1 if not window_size else math.ceil(max_t / window_size)
-    return [p for p in (list(range(0, n, 2)), list(range(1, n, 2))) if p]
 
 
 def _drop_none(d: dict[str, Any]) -> dict[str, Any]:

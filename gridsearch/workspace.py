@@ -9,9 +9,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from gridsearch.core.errors import BadInput
 
-class Busy(Exception):
-    """Another driver holds the sweep."""
+
+class Busy(BadInput):
+    """Another driver holds the sweep: refused, like bad input, before anything is touched."""
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import zarr
 from click.testing import CliRunner
-from conftest import EXAMPLE_GRID, write_spec
+from helpers import EXAMPLE_GRID, write_spec
 
 from gridsearch.cli import main
 

@@ -47,13 +47,13 @@ def test_stage_runs_equal_distinct_prefixes(grid: dict[str, list[int]], rnd) -> 
     plan = make_plan(trials, {}, set())
     runs = plan.stage_runs()
     for stage in Stage:
-        assert runs[stage] == len({t.fps[stage] for t in trials})
+        assert runs[stage] == len({t.fingerprints[stage] for t in trials})
     # every first_stage is the earliest stage that differs from the trial run before it
     state: dict[Stage, str | None] = {}
     for p in plan.pending:
-        assert p.first_stage == earliest_changed_stage(state, p.trial.fps)
+        assert p.first_stage == earliest_changed_stage(state, p.trial.fingerprints)
         assert p.first_stage is not None
-        state = dict(p.trial.fps)
+        state = dict(p.trial.fingerprints)
     assert sorted(t.key for t in trials) == sorted(p.trial.key for p in plan.trials)
 
 
@@ -63,16 +63,16 @@ def test_resume_skips_finished_and_starts_on_held_branch(grid: dict[str, list[in
     trials = _trials(grid)
     finished = set(data.draw(st.lists(st.sampled_from([t.key for t in trials]), unique=True)))
     held_trial = data.draw(st.sampled_from(trials))
-    held = {Stage.SEGMENT: held_trial.fps[Stage.SEGMENT], Stage.LINK: held_trial.fps[Stage.LINK],
-            Stage.SOLVE: None}
+    held = {Stage.SEGMENT: held_trial.fingerprints[Stage.SEGMENT],
+            Stage.LINK: held_trial.fingerprints[Stage.LINK], Stage.SOLVE: None}
     plan = make_plan(trials, held, finished)
     assert {p.trial.key for p in plan.trials if p.done} == finished
     pending = plan.pending
     if pending:
         # The branch already in the database comes first when it has pending trials.
-        same_seg = [p for p in pending if p.trial.fps[Stage.SEGMENT] == held[Stage.SEGMENT]]
+        same_seg = [p for p in pending if p.trial.fingerprints[Stage.SEGMENT] == held[Stage.SEGMENT]]
         if same_seg:
-            assert pending[0].trial.fps[Stage.SEGMENT] == held[Stage.SEGMENT]
+            assert pending[0].trial.fingerprints[Stage.SEGMENT] == held[Stage.SEGMENT]
             assert pending[0].first_stage != Stage.SEGMENT
 
 
@@ -87,7 +87,7 @@ def test_example_grid_is_18_runs_not_36() -> None:
 def test_dfs_order_groups_whatever_the_key_order() -> None:
     grid = {"tracking.x": [1, 2, 3], "linking.y": [1, 2], "segmentation.z": [1, 2]}
     order = dfs_order(_trials(grid))
-    segs = [t.fps[Stage.SEGMENT] for t in order]
+    segs = [t.fingerprints[Stage.SEGMENT] for t in order]
     # each segment fingerprint forms one contiguous block
     assert len([i for i in range(1, len(segs)) if segs[i] != segs[i - 1]]) == 1
 

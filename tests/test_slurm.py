@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import comparable, pg_available, write_spec
+from helpers import comparable, pg_available, write_spec
 
 from gridsearch import results
 from gridsearch.engine import existing_ledger, run_sweep
@@ -156,6 +156,7 @@ def _live(spec: Path) -> list[str]:
 
 def _stop_server(spec: Path) -> None:
     from gridsearch.pgbackend import managed_server
+
     from gridsearch.workspace import Workspace
 
     sw = load(spec)

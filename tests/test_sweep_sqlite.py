@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from click.testing import CliRunner
-from conftest import comparable, write_spec
+from helpers import comparable, write_spec
 
 from gridsearch import results
 from gridsearch.cli import main
@@ -120,7 +120,7 @@ def _running_stage(state_db: Path) -> tuple[str, int] | None:
     try:
         with sqlite3.connect(state_db, timeout=1) as c:
             row = c.execute(
-                "select stage, batches_done from gs_stage_run where state='running' order by id desc"
+                "select stage from gs_stage_run where state='running' order by id desc"
             ).fetchone()
             done = c.execute("select count(*) from gs_stage_run where state='done'").fetchone()[0]
     except sqlite3.Error:

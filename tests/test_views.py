@@ -15,7 +15,7 @@ from typing import Any
 import pandas as pd
 import pytest
 import toml
-from conftest import write_spec
+from helpers import write_spec
 
 from gridsearch import dashboard, results
 from gridsearch.best import best_config_toml, best_trial, why

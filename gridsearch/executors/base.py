@@ -1,4 +1,5 @@
-"""The executor interface: run a trial's stages in order, reporting progress through callbacks."""
+"""The executor contract: built the same way from the sweep, run a trial's stages in order, and
+report a batch done only when the ledger holds its worker's acknowledgement."""
 
 from __future__ import annotations
 
@@ -8,21 +9,38 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from gridsearch.backends import Backend
+from gridsearch.core.errors import GridsearchError
+from gridsearch.ledger import Ledger
+from gridsearch.spec import Sweep
 from gridsearch.stages import Stage
+from gridsearch.worker import BatchTask
+from gridsearch.workspace import Workspace
 
 
 @dataclass(frozen=True)
 class StageJob:
     stage: Stage
+    run_id: int  # the ledger's stage run whose batches the workers acknowledge
     phases: list[list[int]]  # batch indices; a phase's batches may run together, phases in order
     config_path: Path
     foreground: str
     contours: str
-    trial_key: str = ""  # whose stage this is: the SLURM ledger files its jobs under it
+    trial_key: str
 
     @property
     def n_batches(self) -> int:
         return sum(len(p) for p in self.phases)
+
+
+@dataclass(frozen=True)
+class ExecutorContext:
+    """Everything an executor may use; every executor is constructed from this alone."""
+
+    sweep: Sweep
+    ws: Workspace
+    backend: Backend
+    ledger: Ledger
 
 
 class StageFailed(Exception):
@@ -36,8 +54,11 @@ class StageFailed(Exception):
         super().__init__(f"{stage.label}{where} failed: {reason}{see}")
 
 
-class SweepCancelled(Exception):
-    """`gridsearch cancel` withdrew the sweep's jobs: stop the sweep, not just this trial."""
+class SweepCancelled(GridsearchError):
+    """The sweep's jobs were withdrawn from outside: stop the sweep, not just this trial."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(f"{why}; run the same command again to resume")
 
 
 class Events(Protocol):
@@ -47,14 +68,38 @@ class Events(Protocol):
 
 
 class Executor(abc.ABC):
+    def __init__(self, ctx: ExecutorContext) -> None:
+        self.ctx = ctx
+
+    @property
+    def frames_per_batch(self) -> int:
+        """Frames per batch (ultrack's n_workers): the executor's choice, it does not change results."""
+        return 1
+
     @abc.abstractmethod
     def run(self, jobs: Sequence[StageJob], events: Events) -> None:
         """Run every job in order; raise StageFailed at the first failure, after stopping the rest."""
 
-    def reattach(self, trial_key: str, first: Stage) -> bool:
-        """True: jobs a previous driver submitted for this trial (from `first` on) still run and
-        this executor will wait for them, so the engine must not clear the database under them."""
-        return False
+    def reattach(self, trial_key: str, first: Stage) -> dict[Stage, int]:
+        """{stage: run id} of jobs a killed driver left running for this trial (from `first` on):
+        the engine then keeps the database and those runs. Empty: nothing to re-attach."""
+        return {}
 
     def close(self) -> None:  # noqa: B027 (optional hook)
         """Release workers; called once when the sweep ends (also on errors and signals)."""
+
+    def task(self, job: StageJob, batch: int | None) -> BatchTask:
+        """What a worker is told to run for ``batch`` of ``job``."""
+        return BatchTask(job.stage.label, str(job.config_path), job.foreground, job.contours,
+                         self.ctx.backend.worker_ledger_url, job.run_id, batch)
+
+    def report_acknowledged(self, jobs: Sequence[StageJob], reported: set[tuple[int, int]],
+                            events: Events) -> dict[int, set[int]]:
+        """Report every batch newly acknowledged in the ledger; returns the acknowledgements."""
+        acked = self.ctx.ledger.acked(j.run_id for j in jobs)
+        for job in jobs:
+            for batch in sorted(acked[job.run_id]):
+                if (job.run_id, batch) not in reported:
+                    reported.add((job.run_id, batch))
+                    events.batch_done(job.stage, batch)
+        return acked

@@ -1,249 +1,145 @@
-"""Run a trial's stages as SLURM job arrays chained with afterok, watch them with one squeue (+ sacct)
-per poll, resubmit a failed task once, and re-attach to live arrays after a driver restart.
+"""Run a trial's stages as SLURM job arrays chained with afterok: the I/O half of
+gridsearch.slurm.chain, which decides. Each poll reads the task states of all arrays (one squeue,
+plus one sacct with accounting), then the workers' acknowledgements, and carries out the decision.
 
-A trial is a list of steps (stage, phase): segment [0] then the rest, link, solve even windows then
-odd. Every step is submitted up front, each depending (afterok, kill-on-invalid-dep) on the step
-before it, so the cluster runs the chain without the driver; the driver only watches and reports.
-Job ids go to the ledger (gs_slurm_job) the moment sbatch returns: a killed driver loses nothing."""
+Every step is submitted up front, each afterok (kill-on-invalid-dep) on the step before, so the
+cluster runs the chain without the driver. Job ids go to the ledger (gs_slurm_job) the moment
+sbatch returns: a killed driver loses nothing, and the next one re-attaches."""
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
 
-from gridsearch.backends import Backend
-from gridsearch.executors.base import Events, Executor, StageFailed, StageJob, SweepCancelled
-from gridsearch.executors.local import tail
-from gridsearch.ledger import Ledger
-from gridsearch.postgres import PASSWORD_ENV
-from gridsearch.slurm import dbcheck, job_name, job_names
-from gridsearch.slurm.cancel import scancel_ids
+from gridsearch.core.files import tail
+from gridsearch.executors.base import (
+    Events,
+    Executor,
+    ExecutorContext,
+    StageFailed,
+    StageJob,
+    SweepCancelled,
+)
+from gridsearch.slurm import gateway, job_name, job_names
+from gridsearch.slurm.chain import Array, Chain, Decision, Event, GiveUp, Report, Submission
+from gridsearch.slurm.cleanup import drop_link_batch
 from gridsearch.slurm.jobs import JobRow, JobStore
-from gridsearch.slurm.status import Poller, TaskState
-from gridsearch.slurm.submit import ArrayRequest, compact, expand, max_array_size, split, submit
-from gridsearch.spec import Sweep
+from gridsearch.slurm.parse import compact, split
+from gridsearch.slurm.paths import JobPaths
 from gridsearch.stages import Stage
-from gridsearch.workspace import Workspace
-
-States = dict[tuple[str, int | None], TaskState]
-OkFn = Callable[["_Step", int], bool]
-RETRIES = 1  # a task that fails is resubmitted this many times, alone, before the trial fails
-
-
-@dataclass
-class _Array:
-    row_id: int
-    job_id: str
-    indices: list[int]  # array indices; batch = index + offset
-    offset: int
-    attempt: int
-
-    def batch_index(self, batch: int) -> int | None:
-        i = batch - self.offset
-        return i if i in self.indices else None
-
-
-@dataclass
-class _Step:
-    stage: Stage
-    phase: int
-    batches: list[int]
-    arrays: list[_Array] = field(default_factory=list)
-    retries: int = 0
-
-    def latest(self, batch: int) -> tuple[_Array, int] | None:
-        """The most recent array that runs `batch` (a retry supersedes the original)."""
-        for a in reversed(self.arrays):
-            i = a.batch_index(batch)
-            if i is not None:
-                return a, i
-        return None
 
 
 class SlurmExecutor(Executor):
-    def __init__(self, sweep: Sweep, ws: Workspace, backend: Backend, ledger: Ledger) -> None:
-        self.sweep, self.ws, self.backend = sweep, ws, backend
-        self.spec = sweep.executor
-        self.store = JobStore(ledger.engine)
-        self.poller = Poller(job_names(sweep), self.spec.poll_seconds)
-        self.log_dir = ws.logs / "slurm"
-        self._attached: str | None = None
-        self.submissions = 0
+    def __init__(self, ctx: ExecutorContext) -> None:
+        super().__init__(ctx)
+        self.spec = ctx.sweep.executor
+        self.store = JobStore(ctx.ledger.engine)
+        self.poller = gateway.Poller(job_names(ctx.sweep), self.spec.poll_seconds)
+        self.paths = JobPaths.of(ctx.ws)
+        self.submissions = 0  # sbatch calls of this driver
 
-    # ---- re-attach --------------------------------------------------------------------------
-    def reattach(self, trial_key: str, first: Stage) -> bool:
-        """True when this trial's arrays from `first` on, submitted by a driver that died, are still
-        known to SLURM: the engine must then not clear the database under them."""
-        self._attached = None
+    @property
+    def frames_per_batch(self) -> int:
+        return self.spec.frames_per_batch
+
+    # ---- re-attach ------------------------------------------------------------------------------
+    def reattach(self, trial_key: str, first: Stage) -> dict[Stage, int]:
+        """{stage: run id} of this trial's arrays from `first` on that a killed driver left in the
+        ledger, finished or not: their workers' acknowledgements say what is done. Queued tasks
+        must still be able to log in (stable password), else everything starts over."""
         active = self.store.rows(state="active")
-        others = [r for r in active if r.trial_key != trial_key]
-        if others:  # another trial's jobs must not write while this one clears the database
-            scancel_ids(sorted({r.job_id for r in others}))
-            self.store.set_state([r.id for r in others], "closed")
+        self._withdraw([r for r in active if r.trial_key != trial_key])  # must not write while we clear
         mine = [r for r in active if r.trial_key == trial_key]
-        older = [r for r in mine if Stage.parse(r.stage) < first]
-        self.store.set_state([r.id for r in older], "closed")  # those stages are trusted already
+        self.store.close([r.id for r in mine if Stage.parse(r.stage) < first])  # trusted already
         mine = [r for r in mine if Stage.parse(r.stage) >= first]
-        if not any(Stage.parse(r.stage) == first for r in mine) or not self._same_password():
-            self._drop(mine)
-            return False
-        states = self.poller.poll({r.job_id: expand(r.indices) for r in mine})
-        if any(s.state == "UNKNOWN" for s in states.values()):
-            self._drop(mine)  # SLURM forgot part of it: start these stages over
-            return False
-        self._attached = trial_key
-        return True
+        runs = {Stage.parse(r.stage): r.run_id for r in mine if r.run_id is not None}  # latest row wins
+        if first not in runs or not self.ctx.backend.stable_password:
+            runs = {}
+        self._withdraw([r for r in mine if r.run_id is None or runs.get(Stage.parse(r.stage)) != r.run_id])
+        return runs
 
-    def _same_password(self) -> bool:
-        """A managed server gets a fresh random password from every driver unless ULTRACK_DB_PW
-        fixes it: queued tasks carry the old one in their environment and could not log in."""
-        if self.backend.kind != "postgresql" or not self.sweep.database.managed:
-            return True
-        from gridsearch.slurm.server import ServerJob
-
-        if isinstance(self.backend.server, ServerJob):
-            return self.backend.server.reused  # re-used only with the user's fixed password
-        return bool(os.environ.get(PASSWORD_ENV))
-
-    def _drop(self, rows: list[JobRow]) -> None:
-        scancel_ids(sorted({r.job_id for r in rows}))
-        self.store.set_state([r.id for r in rows], "closed")
-
-    # ---- run ----------------------------------------------------------------------------------
+    # ---- run --------------------------------------------------------------------------------------
     def run(self, jobs: Sequence[StageJob], events: Events) -> None:
         if not jobs:
             return
         key = jobs[0].trial_key
-        by_stage = {j.stage: j for j in jobs}
-        steps = [_Step(j.stage, p, list(phase)) for j in jobs for p, phase in enumerate(j.phases) if phase]
-        active = self.store.rows(key, "active")
-        if self._attached == key:
-            for r in active:
-                st = next((s for s in steps if s.stage.label == r.stage and s.phase == r.phase), None)
-                if st is None:
-                    continue
-                st.arrays.append(_Array(r.id, r.job_id, expand(r.indices), r.offset, r.attempt))
-                st.retries = max(st.retries, r.attempt)
-        else:
-            self._drop(active)
-        self._attached = None
-        self._submit_chain(key, steps, 0, by_stage, lambda s, b: self._ok(s, b, self.poller.last), [])
-        self._watch(key, steps, by_stage, events)
+        chain = Chain.build((j.stage, j.run_id, j.phases) for j in jobs)
+        self._withdraw(chain.adopt(self.store.rows(key, "active")))  # rows of other stage runs
+        try:
+            self._watch(key, chain, {j.stage: j for j in jobs}, events)
+        except StageFailed:
+            self.store.close_trial(key)
+            raise
         self.store.close_trial(key)
 
-    def _submit_chain(self, key: str, steps: list[_Step], start: int, by_stage: dict[Stage, StageJob],
-                      ok: OkFn, redo: list[int]) -> None:
-        """From step `start` on, submit every batch no array covers yet (plus `redo` in step `start`),
-        each step afterok on the previous step's arrays that have not finished."""
-        for i in range(start, len(steps)):
-            step = steps[i]
-            todo = {b for b in step.batches if step.latest(b) is None}
-            todo = sorted(todo | set(redo if i == start else ()))
-            if not todo:
-                continue
-            after: list[str] = []
-            if i > 0:
-                prev = steps[i - 1]
-                after = sorted({lt[0].job_id for b in prev.batches
-                                if not ok(prev, b) and (lt := prev.latest(b)) is not None})
-            job = by_stage[step.stage]
-            for offset, idx in split(todo, max_array_size()):
-                req = ArrayRequest(
-                    name=job_name(self.sweep, step.stage.label), stage=step.stage.label, indices=idx,
-                    offset=offset,
-                    worker_args=["--stage", step.stage.label, "--config", str(job.config_path),
-                                 "--fg", job.foreground, "--ct", job.contours],
-                    log_dir=self.log_dir, script_dir=self.log_dir / "scripts", after=after)
-                job_id = submit(req, self.spec)
-                self.submissions += 1
-                row = self.store.add(key, step.stage.label, step.phase, job_id, compact(idx), offset,
-                                     step.retries)
-                step.arrays.append(_Array(row, job_id, idx, offset, step.retries))
-
-    @staticmethod
-    def _state(step: _Step, batch: int, states: States) -> TaskState:
-        lt = step.latest(batch)
-        if lt is None:
-            return TaskState("UNSUBMITTED")
-        return states.get((lt[0].job_id, lt[1]), TaskState("PENDING", "", False))
-
-    def _ok(self, step: _Step, batch: int, states: States) -> bool:
-        return self._state(step, batch, states).ok
-
-    def _watch(self, key: str, steps: list[_Step], by_stage: dict[Stage, StageJob], events: Events) -> None:
-        stages = sorted({s.stage for s in steps})
-        started: set[Stage] = set()
-        done: set[Stage] = set()
-        reported: set[tuple[Stage, int]] = set()
-        forgotten_ok: set[tuple[Stage, int]] = set()  # SLURM forgot them; the database has their rows
+    def _watch(self, key: str, chain: Chain, jobs: dict[Stage, StageJob], events: Events) -> None:
+        """Until the chain is finished: poll, read acknowledgements, carry out the decision."""
         while True:
-            if self.store.cancelled([a.row_id for s in steps for a in s.arrays]):
+            if self.store.cancelled(chain.row_ids()):
                 raise SweepCancelled("the sweep's jobs were cancelled (gridsearch cancel)")
-            states = self.poller.poll({a.job_id: a.indices for s in steps for a in s.arrays})
-            # the database confirms tasks SLURM no longer knows (MinJobAge passed, no accounting)
-            for s in steps:
-                for b in s.batches:
-                    if (self._state(s, b, states).state == "UNKNOWN" and (s.stage, b) not in forgotten_ok
-                            and dbcheck.batch_has_rows(by_stage[s.stage].config_path, s.stage, b)):
-                        forgotten_ok.add((s.stage, b))
-
-            def ok(s: _Step, b: int, states: States = states) -> bool:
-                return self._ok(s, b, states) or (s.stage, b) in forgotten_ok
-
-            for stage in stages:
-                ss = [s for s in steps if s.stage == stage]
-                if stage not in started:
-                    events.stage_started(stage, sum(len(s.batches) for s in ss))
-                    started.add(stage)
-                for s in ss:
-                    for b in s.batches:
-                        if (stage, b) not in reported and ok(s, b):
-                            reported.add((stage, b))
-                            events.batch_done(stage, b)
-                if not all(ok(s, b) for s in ss for b in s.batches):
-                    break
-                if stage not in done:
-                    events.stage_done(stage)
-                    done.add(stage)
-            if len(done) == len(stages):
+            states = self.poller.poll(chain.tasks())  # the scheduler first, then the acks: a task
+            acked = self.ctx.ledger.acked(chain.run_ids())  # finishing in between is seen acked
+            decision = chain.decide(states, acked)
+            _report(decision.reports, events)
+            if decision.finished:
                 return
-            for i, s in enumerate(steps):
-                sts = {b: self._state(s, b, states) for b in s.batches if not ok(s, b)}
-                if not sts:
-                    continue
-                if any(st.live for st in sts.values()):
-                    break
-                own = {b: st for b, st in sts.items() if not st.dependency_failed}
-                if own and s.retries >= RETRIES:
-                    self._give_up(steps, i, own)
-                if own:
-                    s.retries += 1
-                    if s.stage == Stage.LINK:
-                        for b in own:
-                            dbcheck.drop_link_batch(by_stage[s.stage].config_path, b)
-                # later steps hang on this one: cancel them (kill_invalid_depend would too), then
-                # resubmit this step's missing batches and everything after it
-                scancel_ids(sorted({a.job_id for t in steps[i + 1:] for a in t.arrays}))
-                for t in steps[i + 1:]:
-                    t.arrays.clear()
-                self._submit_chain(key, steps, i, by_stage, ok, sorted(sts))
-                break
+            self._carry_out(key, chain, decision, jobs)
             self.poller.sleep()
 
-    def _give_up(self, steps: list[_Step], i: int, own: dict[int, TaskState]) -> None:
-        s = steps[i]
-        later = sorted({a.job_id for t in steps[i:] for a in t.arrays})
-        scancel_ids(later)
-        b = min(own)
-        st = own[b]
-        lt = s.latest(b)
-        log = self.log_dir / f"{s.stage.label}-{lt[0].job_id}_{lt[1]}.log" if lt else None
-        text = tail(log, 10) if log else ""
-        last = next((ln.strip() for ln in reversed(text.splitlines()) if ln.strip()), "")
-        why = f"{st.state}" + (f" ({st.reason})" if st.reason and st.reason != "None" else "")
-        reason = f"{why} after {s.retries} resubmission(s)" + (f": {last}" if last else "")
-        raise StageFailed(s.stage, b, reason, log, text)
+    def _carry_out(self, key: str, chain: Chain, decision: Decision, jobs: dict[Stage, StageJob]) -> None:
+        self._withdraw_arrays(decision.drop)
+        if decision.give_up is not None:
+            raise self._failure(decision.give_up)
+        for stage, batch in decision.retried:
+            if stage == Stage.LINK:  # link appends rows: a re-run would duplicate what it committed
+                drop_link_batch(jobs[stage].config_path, batch)
+        for submission in decision.submit:
+            self._submit(key, chain, submission, jobs[chain.steps[submission.step].stage])
+
+    def _submit(self, key: str, chain: Chain, submission: Submission, job: StageJob) -> None:
+        """sbatch the batches (split at MaxArraySize), each array recorded the moment it exists."""
+        step = chain.steps[submission.step]
+        after = chain.after(submission.step)
+        worker_args = self.task(job, None).argv()
+        for offset, indices in split(submission.batches, gateway.max_array_size()):
+            request = gateway.ArrayRequest(
+                job_name(self.ctx.sweep, step.stage.label), step.stage.label, indices, offset, worker_args,
+                self.paths.logs, self.paths.scripts, after)
+            job_id = gateway.submit_array(request, self.spec)
+            self.submissions += 1
+            row_id = self.store.add(key, step.stage.label, step.phase, job_id, compact(indices), offset,
+                                    submission.attempt, job.run_id)
+            chain.record(submission.step, Array(job_id, indices, offset, submission.attempt, row_id))
+
+    def _failure(self, give_up: GiveUp) -> StageFailed:
+        log = self.paths.task_log(give_up.stage.label, *give_up.task) if give_up.task else None
+        text = tail(log, 10)
+        last = next((line.strip() for line in reversed(text.splitlines()) if line.strip()), "")
+        reason = f"{give_up.why} after {give_up.attempts} resubmission(s)" + (f": {last}" if last else "")
+        return StageFailed(give_up.stage, give_up.batch, reason, log, text)
+
+    # ---- withdrawing arrays -------------------------------------------------------------------------
+    def _withdraw(self, rows: Iterable[JobRow]) -> None:
+        rows = list(rows)
+        self._cancel([r.id for r in rows], [r.job_id for r in rows])
+
+    def _withdraw_arrays(self, arrays: Iterable[Array]) -> None:
+        arrays = list(arrays)
+        self._cancel([a.row_id for a in arrays], [a.job_id for a in arrays])
+
+    def _cancel(self, row_ids: list[int], job_ids: list[str]) -> None:
+        """Rows closed before scancel: a driver killed in between re-attaches to none of them."""
+        self.store.close(row_ids)
+        gateway.scancel_ids(sorted(set(job_ids)))
 
     def close(self) -> None:
         """Arrays of an interrupted trial stay queued: the ledger holds them for re-attach."""
+
+
+def _report(reports: Iterable[Report], events: Events) -> None:
+    for report in reports:
+        if report.event is Event.STAGE_STARTED:
+            events.stage_started(report.stage, report.value)
+        elif report.event is Event.BATCH_DONE:
+            events.batch_done(report.stage, report.value)
+        else:
+            events.stage_done(report.stage)

@@ -1,5 +1,7 @@
-"""SLURM plumbing, one concern per module: submit (sbatch), status (squeue/sacct), cancel (scancel),
-jobs (the ledger's record of submitted arrays), server (PostgreSQL as a job), describe (plan view)."""
+"""SLURM plumbing, one concern per module: gateway (the only one that runs SLURM's commands), parse
+(what they print), paths (job scripts and logs), chain (a trial's arrays as a state machine, no I/O),
+jobs (the ledger's record of submitted arrays), cleanup (a failed link batch's partial rows),
+cancel (`gridsearch cancel`), describe (plan view)."""
 
 from __future__ import annotations
 

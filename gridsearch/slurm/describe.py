@@ -1,30 +1,37 @@
-"""What `gridsearch plan` shows for a trial on SLURM: the arrays it would submit, in order."""
+"""What `gridsearch plan` shows for a trial of a SLURM sweep: the arrays it would submit, in order."""
 
 from __future__ import annotations
 
-from gridsearch.planner import PlannedTrial
-from gridsearch.slurm.submit import compact, max_array_size, split
-from gridsearch.spec import Sweep
+from typing import Protocol
+
+from gridsearch.slurm.gateway import max_array_size
+from gridsearch.slurm.parse import compact, split
+from gridsearch.spec import Sweep, Trial
 from gridsearch.stages import Stage
 from gridsearch.ultrackdb import stage_phases
 
 
-def describe_jobs(sweep: Sweep, planned: PlannedTrial) -> list[str]:
-    """One line per stage, e.g. 'segment: array 0, then 1-9 %20 (afterok)'."""
-    if planned.done or planned.first_stage is None:
-        return []
+class Planned(Protocol):
+    """A planned trial (gridsearch.planner.PlannedTrial, a layer above this one)."""
+
+    @property
+    def trial(self) -> Trial: ...
+
+    @property
+    def stages(self) -> list[Stage]: ...  # the stages it runs; none when done
+
+
+def describe_jobs(sweep: Sweep, planned: Planned) -> list[str]:
+    """One line per stage, e.g. 'segment: array 0 %20, then array 1-9 %20'."""
     ex = sweep.executor
-    limit = max_array_size() if ex.kind == "slurm" else 1001
-    fpb = ex.frames_per_batch if ex.kind == "slurm" else 1
+    limit = max_array_size()
+    window = planned.trial.sections.get("tracking", {}).get("window_size")
     out = []
-    for stage in Stage:
-        if stage < planned.first_stage:
-            continue
-        window = planned.trial.sections.get("tracking", {}).get("window_size")
-        phases = [p for p in stage_phases(stage, sweep.shape[0], fpb, window) if p]
+    for stage in planned.stages:
+        phases = [p for p in stage_phases(stage, sweep.shape[0], ex.frames_per_batch, window) if p]
         parts = []
         for phase in phases:
-            arrays = [f"{compact([i + off for i in idx])}" for off, idx in split(phase, limit)]
+            arrays = [compact([i + off for i in idx]) for off, idx in split(phase, limit)]
             parts.append(" + ".join(f"array {a} %{ex.max_parallel}" for a in arrays))
         out.append(f"{stage.label}: " + ", then ".join(parts))
     return out

@@ -1,8 +1,9 @@
 """The ledger's record of submitted SLURM arrays, written the moment sbatch returns, so that a driver
 killed at any instant can re-attach to its jobs instead of submitting them again.
 
-Row states: active (the trial's run still owns it), closed (the run ended: never re-attach),
-cancelled (`gridsearch cancel`: a running driver stops, the next sweep starts those stages over)."""
+Row states: active (the trial's run still owns it), closed (the run ended or the array was
+superseded: never re-attach), cancelled (`gridsearch cancel`: a running driver stops, the next
+sweep starts those stages over). The table is created and versioned by gridsearch.schema."""
 
 from __future__ import annotations
 
@@ -11,49 +12,34 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
-_md = sa.MetaData()
-
-slurm_job_t = sa.Table(
-    "gs_slurm_job",
-    _md,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("trial_key", sa.String(32), nullable=False, index=True),
-    sa.Column("stage", sa.String(16), nullable=False),  # segment | link | solve | server
-    sa.Column("phase", sa.Integer, nullable=False),
-    sa.Column("job_id", sa.String(32), nullable=False),
-    sa.Column("indices", sa.Text, nullable=False),  # batch indices, compact ranges
-    sa.Column("offset", sa.Integer, nullable=False, default=0),  # batch = array index + offset
-    sa.Column("attempt", sa.Integer, nullable=False, default=0),
-    sa.Column("state", sa.String(16), nullable=False),
-    sa.Column("submitted_at", sa.Float, nullable=False),
-)
+from gridsearch.schema import slurm_job_t
 
 
-@dataclass
+@dataclass(frozen=True)
 class JobRow:
     id: int
     trial_key: str
     stage: str
     phase: int
     job_id: str
-    indices: str
-    offset: int
+    indices: str  # array indices, compact ranges
+    offset: int  # batch = array index + offset
     attempt: int
     state: str
     submitted_at: float
+    run_id: int | None  # None: written before arrays knew their stage run (never re-attached)
 
 
 class JobStore:
     def __init__(self, engine: sa.Engine) -> None:
         self.engine = engine
-        _md.create_all(engine)
 
     def add(self, trial_key: str, stage: str, phase: int, job_id: str, indices: str, offset: int,
-            attempt: int) -> int:
+            attempt: int, run_id: int) -> int:
         with self.engine.begin() as c:
             r = c.execute(slurm_job_t.insert().values(
                 trial_key=trial_key, stage=stage, phase=phase, job_id=job_id, indices=indices,
-                offset=offset, attempt=attempt, state="active", submitted_at=time.time()))
+                offset=offset, attempt=attempt, state="active", submitted_at=time.time(), run_id=run_id))
             return int(r.inserted_primary_key[0])
 
     def rows(self, trial_key: str | None = None, state: str | None = None) -> list[JobRow]:
@@ -65,10 +51,12 @@ class JobStore:
         with self.engine.connect() as c:
             return [JobRow(**dict(r)) for r in c.execute(q).mappings()]
 
-    def set_state(self, ids: list[int], state: str) -> None:
+    def close(self, ids: list[int]) -> None:
+        """Active rows only: a `gridsearch cancel` that marked one meanwhile must stay visible."""
         if ids:
             with self.engine.begin() as c:
-                c.execute(slurm_job_t.update().where(slurm_job_t.c.id.in_(ids)).values(state=state))
+                c.execute(slurm_job_t.update().where(
+                    slurm_job_t.c.id.in_(ids), slurm_job_t.c.state == "active").values(state="closed"))
 
     def close_trial(self, trial_key: str) -> None:
         with self.engine.begin() as c:

@@ -1,0 +1,51 @@
+"""Writing files so that a reader (or a crash) never sees half of one."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temp path beside ``path``; on success it replaces ``path`` in one rename.
+
+    Beside, not in /tmp: a rename is only atomic within one filesystem (NFS and Lustre included)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def atomic_write(path: Path, data: str | bytes | Callable[[Path], object], mode: int | None = None) -> Path:
+    """Write text, bytes, or whatever ``data(tmp_path)`` writes, then rename into place."""
+    with atomic_path(path) as tmp:
+        if callable(data):
+            data(tmp)
+        elif isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data)
+        if mode is not None:
+            os.chmod(tmp, mode)
+    return path
+
+
+def tail(path: Path | None, lines: int = 8) -> str:
+    """The last lines of a log, read from its end (job logs can be large)."""
+    if path is None:
+        return ""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 8192))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])

@@ -1,0 +1,369 @@
+"""A PostgreSQL server gridsearch owns (initdb/pg_ctl/pg_isready), and ``running()`` to scope it.
+
+The plaintext password is never stored anywhere. Each driver process (re)sets it over the server's
+private unix socket (peer auth, no password needed there) and sends only a SCRAM verifier computed
+client-side, so neither the wire, the server log nor WAL ever sees the plaintext."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import secrets
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from gridsearch.core.errors import first_line
+from gridsearch.core.files import atomic_write
+from gridsearch.core.signals import terminate_as_exit
+from gridsearch.core.waiting import wait_until
+from gridsearch.postgres import conf, osuser
+from gridsearch.postgres.client import (
+    DEFAULT_ROLE,
+    PASSWORD_ENV,
+    Credentials,
+    PostgresError,
+    hostport,
+    sqlalchemy_url,
+)
+from gridsearch.postgres.host import WILDCARD_HOSTS, choose_port, find_binaries, free_port
+from gridsearch.postgres.server import PostgresServer
+
+_SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
+_READY_POLL = 0.2  # seconds between pg_isready probes while a found postmaster starts up
+
+
+class ManagedServer(PostgresServer):
+    """A PostgreSQL server gridsearch owns: data, socket and log all live under ``root``.
+
+    Layout: ``root/data`` (PGDATA), ``root/run`` (0700 unix-socket dir), ``root/server.log``.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        port: int | None = None,
+        listen_addresses: str = "127.0.0.1",
+        host: str | None = None,
+        workers: int = 1,
+        role: str = DEFAULT_ROLE,
+        bindir: str | Path | None = None,
+        timeout: int = 60,
+    ) -> None:
+        self.root = Path(root).absolute()
+        self.data_dir = self.root / "data"
+        self.log_file = self.root / "server.log"
+        self.requested_port = port
+        self.listen_addresses = listen_addresses
+        self._advertised_host = host
+        self.workers = workers
+        self.role = role
+        self._bindir = bindir
+        self._resolved_bindir: Path | None = None
+        self.timeout = timeout
+        self._creds: Credentials | None = None
+        self._port: int | None = None
+
+    # ---- facts about this server
+
+    @property
+    def bindir(self) -> Path:
+        """Resolved lazily so that merely describing a server needs no binaries."""
+        if self._resolved_bindir is None:
+            self._resolved_bindir = find_binaries(self._bindir)
+        return self._resolved_bindir
+
+    @property
+    def host(self) -> str:
+        """Listening on all interfaces means remote (SLURM) workers: advertise our hostname."""
+        if self._advertised_host:
+            return self._advertised_host
+        first = self.listen_addresses.split(",")[0].strip()
+        return socket.gethostname() if first in WILDCARD_HOSTS else first
+
+    @property
+    def port(self) -> int:
+        """The running server's port, else the configured/requested one, else a fresh free one."""
+        info = self._pidfile()
+        if info is not None and info.get("port"):
+            return int(info["port"])
+        if self._port is None:
+            self._port = self.requested_port or self._configured_port() or free_port(self.listen_addresses)
+        return self._port
+
+    @property
+    def max_connections(self) -> int:
+        """Each worker may hold a few sessions (ultrack opens one per call; a segment batch with
+        n_workers frames opens one per frame), plus the driver's pools, optuna's and admins."""
+        return max(50, 8 * self.workers + 30)
+
+    @property
+    def socket_dir(self) -> Path:
+        """``root/run`` unless the socket path would exceed sun_path; then a private dir in /tmp."""
+        preferred = self.root / "run"
+        if len(str(preferred / ".s.PGSQL.65535")) <= _SUN_PATH_MAX:
+            return preferred
+        digest = hashlib.sha1(str(self.root).encode()).hexdigest()[:12]
+        return Path("/tmp") / f"gridsearch-pg-{digest}"
+
+    @property
+    def os_user(self) -> str:
+        """Who runs initdb/pg_ctl (see :func:`osuser.server_os_user`)."""
+        return osuser.server_os_user(self.data_dir)
+
+    @property
+    def superuser(self) -> str:
+        """initdb's bootstrap superuser: named after the OS user that runs the server."""
+        return self.os_user
+
+    def initialized(self) -> bool:
+        return (self.data_dir / "PG_VERSION").is_file()
+
+    def _pidfile(self) -> dict[str, str] | None:
+        try:
+            return conf.parse_pidfile((self.data_dir / "postmaster.pid").read_text())
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            return None
+
+    def _live_socket_dir(self, info: dict[str, str] | None) -> str:
+        """The socket dir the running postmaster announced (a moved root keeps its old one)."""
+        return (info or {}).get("socket_dir") or str(self.socket_dir)
+
+    def pid(self) -> int | None:
+        """Postmaster pid if one is alive for this data dir."""
+        info = self._pidfile()
+        if not info or not info.get("pid", "").lstrip("-").isdigit():
+            return None
+        pid = abs(int(info["pid"]))
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass  # alive, owned by the server user
+        return pid
+
+    def _configured_port(self) -> int | None:
+        try:
+            return conf.configured_port((self.data_dir / conf.SETTINGS_FILE).read_text())
+        except OSError:
+            return None
+
+    def is_running(self) -> bool:
+        """postmaster.pid present and pg_isready accepts on our socket."""
+        info = self._pidfile()
+        if info is None or self.pid() is None:
+            return False
+        return self._isready(self._live_socket_dir(info), int(info.get("port") or 0))
+
+    def _isready(self, socket_dir: str, port: int) -> bool:
+        """pg_isready on the socket, as the superuser so no rejected login clutters the log."""
+        argv = [str(self.bindir / "pg_isready"), "-q", "-h", socket_dir, "-p", str(port),
+                "-U", self.superuser, "-d", "postgres", "-t", "5"]
+        res = subprocess.run(argv, env=osuser.child_env(), capture_output=True, check=False)
+        return res.returncode == 0
+
+    # ---- files and commands as the server's OS user
+
+    def _run(self, argv: list[str], what: str) -> subprocess.CompletedProcess[str]:
+        try:
+            return subprocess.run(
+                osuser.as_user(self.os_user, argv),
+                env=osuser.child_env(),
+                cwd="/",
+                capture_output=True,
+                text=True,
+                check=False,
+                timeout=self.timeout + 30,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise PostgresError(f"{what} in {self.data_dir}: {first_line(exc)}") from None
+
+    def _write_private(self, path: Path, text: str) -> None:
+        """Whole or not at all (a reload must never read half a pg_hba.conf), 0600, the server's."""
+        user = self.os_user
+
+        def write(tmp: Path) -> None:
+            tmp.write_text(text)
+            osuser.chown_to(tmp, user)
+
+        atomic_write(path, write, mode=0o600)
+
+    def _write_config(self, port: int) -> None:
+        """Settings, pg_hba.conf (no trust over TCP) and pg_ident.conf, as of this start."""
+        files = {
+            conf.SETTINGS_FILE: conf.render_settings(
+                port=port,
+                listen_addresses=self.listen_addresses,
+                socket_dir=str(self.socket_dir),
+                max_connections=self.max_connections,
+            ),
+            "pg_hba.conf": conf.render_hba(self.superuser),
+            "pg_ident.conf": conf.render_ident(self.superuser, [self.os_user, osuser.current_os_user()]),
+        }
+        for name, text in files.items():
+            self._write_private(self.data_dir / name, text)
+
+    # ---- lifecycle
+
+    def init(self) -> bool:
+        """initdb with peer auth on the socket and scram-sha-256 over TCP; False if already done."""
+        if self.initialized():
+            return False
+        osuser.ensure_os_user(self.os_user)
+        osuser.private_dir(self.root, self.os_user)
+        osuser.check_traversable(self.os_user, self.root)
+        if self.data_dir.exists() and any(self.data_dir.iterdir()):
+            raise PostgresError(f"{self.data_dir} exists, is not empty and holds no PostgreSQL cluster")
+        argv = [str(self.bindir / "initdb"), "-D", str(self.data_dir), "-U", self.superuser,
+                "--auth-local=peer", "--auth-host=scram-sha-256", "--encoding=UTF8", "--locale=C",
+                "--no-instructions"]
+        res = self._run(argv, "initdb")
+        if res.returncode != 0:
+            reason = conf.initdb_failure_reason(res.stdout, res.stderr)
+            raise PostgresError(f"initdb failed in {self.data_dir}: {reason}")
+        main_conf = self.data_dir / "postgresql.conf"
+        self._write_private(main_conf, main_conf.read_text() + conf.INCLUDE_SETTINGS)
+        return True
+
+    def start(self) -> bool:
+        """Start if needed; True only if this call started it (so the caller stops it)."""
+        if self.is_running():
+            self._create_role(self.role)
+            return False
+        # A postmaster that is alive but not accepting yet is starting up: wait for it.
+        if self.pid() is not None and self._wait_ready():
+            self._create_role(self.role)
+            return False
+        port = self._port = choose_port(
+            self.listen_addresses, self.requested_port, self._configured_port(), self.host
+        )
+        self.init()
+        osuser.private_dir(self.socket_dir, self.os_user)
+        self._write_config(port)
+        argv = [str(self.bindir / "pg_ctl"), "start", "-w", "-t", str(self.timeout),
+                "-D", str(self.data_dir), "-l", str(self.log_file)]
+        res = self._run(argv, "pg_ctl start")
+        if res.returncode != 0 or not self._isready(str(self.socket_dir), port):
+            raise PostgresError(
+                f"PostgreSQL in {self.data_dir} failed to start on {hostport(self.host, port)}: "
+                f"{self._log_reason(res.stderr)} (log: {self.log_file})"
+            )
+        self._create_role(self.role)
+        return True
+
+    def _wait_ready(self) -> bool:
+        """Poll pg_isready while a postmaster we found is starting; never assume readiness."""
+        ready = wait_until(self.is_running, self.timeout, _READY_POLL, while_=lambda: self.pid() is not None)
+        return bool(ready)
+
+    def _log_reason(self, fallback: str) -> str:
+        """Why a start failed, from the server log (its FATAL line, or the bind error)."""
+        try:
+            lines = self.log_file.read_text(errors="replace").splitlines()
+        except OSError:
+            lines = []
+        return conf.start_failure_reason(lines, fallback)
+
+    def stop(self) -> bool:
+        """pg_ctl stop -m fast; True if a server was running and is now down."""
+        if self.pid() is None:
+            return False
+        argv = [str(self.bindir / "pg_ctl"), "stop", "-m", "fast", "-w", "-t", str(self.timeout),
+                "-D", str(self.data_dir)]
+        res = self._run(argv, "pg_ctl stop")
+        if res.returncode != 0 and self.pid() is not None:
+            raise PostgresError(
+                f"pg_ctl stop failed for {self.data_dir} ({hostport(self.host, self.port)}): "
+                f"{first_line(res.stderr or res.stdout)}"
+            )
+        self._creds = None
+        return True
+
+    # ---- connections and credentials
+
+    def socket_url(self, dbname: str) -> tuple[str, dict[str, Any]]:
+        """SQLAlchemy URL + connect_args for the superuser over the private unix socket.
+
+        Read-only views (status, results, plot) use it: they must not reset the role's password
+        under a running sweep's workers, and need none on this machine."""
+        sock = self._live_socket_dir(self._pidfile())
+        url = sqlalchemy_url(Credentials("", self.port, self.superuser), dbname)
+        return url, {"connect_args": {"host": sock, "port": self.port}}
+
+    def _admin(self, dbname: str | None = None) -> psycopg.Connection:
+        """Superuser session over the private unix socket (peer auth: no password involved)."""
+        sock = self._live_socket_dir(self._pidfile())
+        try:
+            return psycopg.connect(
+                host=sock,
+                port=self.port,
+                user=self.superuser,
+                dbname=dbname or "postgres",
+                autocommit=True,
+                connect_timeout=10,
+            )
+        except psycopg.Error as exc:
+            raise PostgresError(
+                f"cannot connect to managed PostgreSQL ({hostport(self.host, self.port)}, socket {sock}): "
+                f"{first_line(exc)}"
+            ) from None
+
+    def _db_owner(self) -> str | None:
+        return self.role
+
+    def credentials(self) -> Credentials:
+        """Set the role's password (ULTRACK_DB_PW, else a fresh random one) and return it.
+
+        The plaintext is stored nowhere, so each driver process sets it anew. Cached per instance:
+        workers started from this process keep a valid password.
+        """
+        if self._creds is not None:
+            return self._creds
+        password = os.environ.get(PASSWORD_ENV) or secrets.token_urlsafe(24)
+        self._create_role(self.role)
+        self._set_password(self.role, password)
+        self._creds = Credentials(self.host, self.port, self.role, password)
+        return self._creds
+
+    def status(self) -> dict[str, Any]:
+        """What ``gridsearch db status`` shows; works (running=False) when the server is down."""
+        running = self.is_running()
+        out: dict[str, Any] = {
+            "managed": True,
+            "running": running,
+            "host": self.host,
+            "port": self.port if (running or self.initialized()) else self.requested_port,
+            "pid": self.pid() if running else None,
+            "data_dir": str(self.data_dir),
+            "log_file": str(self.log_file),
+            "socket_dir": str(self.socket_dir),
+            "databases": [],
+            "connections": 0,
+        }
+        if running:
+            out.update(self._live_status())
+        return out
+
+
+@contextlib.contextmanager
+def running(server: ManagedServer, keep: bool = False) -> Iterator[ManagedServer]:
+    """Start ``server`` if needed and stop it on any exit unless ``keep`` or it was already up.
+
+    SIGTERM/SIGHUP become SystemExit (SIGINT already raises KeyboardInterrupt) so that the stop
+    runs when a scheduler or a user kills the driver; the old handlers are back afterwards."""
+    with terminate_as_exit():
+        # Decided before start(): a signal during start() must still lead to a stop.
+        was_running = server.is_running()
+        try:
+            server.start()
+            yield server
+        finally:
+            if not (keep or was_running):
+                server.stop()

@@ -1,0 +1,233 @@
+"""The only module that runs SLURM's commands (sbatch, squeue, sacct, scancel, scontrol).
+
+One option builder serves the stage arrays and the single server job, so partition, account,
+resources and the user's sbatch_args reach every job the same way. The worker command line holds
+paths only: the database password reaches the tasks through the environment sbatch exports."""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tenacity
+
+from gridsearch.core.errors import first_line
+from gridsearch.core.files import atomic_write
+from gridsearch.core.waiting import wait_until
+from gridsearch.slurm.parse import (
+    LIVE_STATES,
+    SACCT_FIELDS,
+    SQUEUE_FORMAT,
+    UNKNOWN,
+    Key,
+    TaskState,
+    compact,
+    merge,
+    parse_sacct,
+    parse_squeue,
+)
+from gridsearch.slurm.paths import JobPaths
+from gridsearch.spec import ExecutorSpec, StageResources
+
+DEFAULT_RESOURCES: dict[str, StageResources] = {
+    "segment": StageResources(cpus=1, mem="8G", time="01:00:00"),
+    "link": StageResources(cpus=1, mem="8G", time="01:00:00"),
+    "solve": StageResources(cpus=1, mem="8G", time="04:00:00"),
+    "server": StageResources(cpus=2, mem="4G", time="7-00:00:00"),
+}
+
+
+class SlurmError(RuntimeError):
+    """A SLURM command failed; the message is its first line of output."""
+
+
+class SbatchError(SlurmError):
+    """sbatch refused a submission."""
+
+
+@dataclass
+class ArrayRequest:
+    """One sbatch call: a stage's batch indices (already below MaxArraySize after `offset`)."""
+
+    name: str
+    stage: str
+    indices: list[int]  # array indices; the batch is index + offset
+    offset: int
+    worker_args: list[str]  # after `python -m gridsearch.worker`, without --batch
+    log_dir: Path
+    script_dir: Path | None = None  # None: log_dir/scripts
+    after: list[str] = field(default_factory=list)  # job ids (afterok)
+
+    @property
+    def paths(self) -> JobPaths:
+        return JobPaths(self.log_dir, self.script_dir)
+
+
+def _run(argv: Sequence[str], timeout: float = 60,
+         stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(list(argv), input=stdin, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise SlurmError(f"{argv[0]} did not answer in {timeout:.0f} s") from None
+    except OSError as e:
+        raise SlurmError(f"{argv[0]}: {e.strerror or e}") from None
+
+
+# ---- sbatch ---------------------------------------------------------------------------------
+def sbatch_options(name: str, what: str, spec: ExecutorSpec, output: Path,
+                   extra: Sequence[str] = ()) -> list[str]:
+    """The sbatch command line of any gridsearch job; `what` picks the resources (a stage label or
+    'server'); the user's sbatch_args come last so that they win."""
+    res = spec.stages.get(what) or DEFAULT_RESOURCES[what]  # type: ignore[call-overload]
+    argv = ["sbatch", "--parsable", f"--job-name={name}", f"--output={output}",
+            f"--cpus-per-task={res.cpus}", f"--mem={res.mem}", f"--time={res.time}",
+            f"--chdir={os.getcwd()}", "--export=ALL", *extra]
+    if spec.partition:
+        argv.append(f"--partition={spec.partition}")
+    if spec.account:
+        argv.append(f"--account={spec.account}")
+    return argv + list(spec.sbatch_args)
+
+
+def sbatch_argv(req: ArrayRequest, spec: ExecutorSpec) -> list[str]:
+    extra = [f"--array={compact(req.indices)}%{spec.max_parallel}"]
+    if req.after:
+        extra += [f"--dependency=afterok:{':'.join(req.after)}", "--kill-on-invalid-dep=yes"]
+    return sbatch_options(req.name, req.stage, spec, req.paths.array_output(req.stage), extra)
+
+
+def script(req: ArrayRequest, setup: Sequence[str]) -> str:
+    """The task body: setup lines, then one worker call for batch = SLURM_ARRAY_TASK_ID + offset."""
+    batch = f"$((SLURM_ARRAY_TASK_ID + {req.offset}))"
+    worker = shlex.join([sys.executable, "-m", "gridsearch.worker", *req.worker_args])
+    return "\n".join(["#!/bin/bash", "set -e", *setup,
+                      f'echo "gridsearch {req.stage} batch {batch} on $(hostname)"',
+                      f"exec {worker} --batch {batch}", ""])
+
+
+def job_script(command: Sequence[str], setup: Sequence[str]) -> str:
+    return "\n".join(["#!/bin/bash", "set -e", *setup, "exec " + shlex.join(command), ""])
+
+
+def _sbatch(argv: list[str], body: str, name: str) -> str:
+    """Never retried: an sbatch that timed out may have queued the job all the same."""
+    try:
+        r = _run(argv, timeout=120, stdin=body)
+    except SlurmError as e:
+        raise SbatchError(f"sbatch for {name}: {e}") from None
+    if r.returncode != 0:
+        raise SbatchError(f"sbatch for {name} failed: {first_line(r.stderr or r.stdout)}")
+    return r.stdout.strip().split(";")[0]
+
+
+def submit_array(req: ArrayRequest, spec: ExecutorSpec) -> str:
+    """Submit one stage array; returns its job id. The script is kept next to the logs."""
+    paths = req.paths
+    paths.logs.mkdir(parents=True, exist_ok=True)
+    body = script(req, spec.setup)
+    job_id = _sbatch(sbatch_argv(req, spec), body, req.name)
+    atomic_write(paths.script(req.stage, job_id), body)
+    return job_id
+
+
+def submit_job(spec: ExecutorSpec, what: str, name: str, command: Sequence[str], paths: JobPaths) -> str:
+    """Submit a single job running `command` (the PostgreSQL server: what='server')."""
+    paths.logs.mkdir(parents=True, exist_ok=True)
+    body = job_script(command, spec.setup)
+    job_id = _sbatch(sbatch_options(name, what, spec, paths.job_output(what)), body, name)
+    atomic_write(paths.script(what, job_id), body)
+    return job_id
+
+
+@functools.lru_cache(maxsize=1)
+def max_array_size() -> int:
+    """Array indices must be below MaxArraySize (`scontrol show config`; SLURM's default 1001)."""
+    try:
+        text = _run(["scontrol", "show", "config"], timeout=30).stdout
+    except SlurmError:
+        return 1001
+    m = re.search(r"^MaxArraySize\s*=\s*(\d+)", text, re.MULTILINE)
+    return int(m.group(1)) if m else 1001
+
+
+# ---- scancel and single-job queries ----------------------------------------------------------
+def scancel_ids(ids: Sequence[str]) -> None:
+    if ids:
+        _run(["scancel", *ids])
+
+
+def scancel_names(names: Sequence[str]) -> None:
+    _run(["scancel", "-n", ",".join(names)])
+
+
+def live_jobs(names: Sequence[str]) -> list[str]:
+    """Job ids (array ids once) of the named jobs still queued or running."""
+    r = _run(["squeue", "-h", "-n", ",".join(names), "-o", "%F|%T"])
+    return sorted({job for job, _, state in (ln.strip().partition("|") for ln in r.stdout.splitlines())
+                   if job and state in LIVE_STATES})
+
+
+def job_state(job_id: str) -> str:
+    """SLURM's state word for one job; UNKNOWN once squeue no longer knows it."""
+    r = _run(["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T"])
+    return (r.stdout.split() or [UNKNOWN])[0]
+
+
+def wait_gone(job_id: str, timeout: float = 60) -> bool:
+    """Until the job has left the live states (e.g. the server stopped cleanly after scancel)."""
+    return bool(wait_until(lambda: job_state(job_id) not in LIVE_STATES, timeout, 0.3))
+
+
+# ---- polling the tasks of many arrays --------------------------------------------------------
+class Poller:
+    """One squeue (+ one sacct) per poll for a set of job names; sleeps adaptively between polls:
+    short right after a change, growing to `max_s` while nothing moves."""
+
+    def __init__(self, names: Sequence[str], max_s: float = 2.0, min_s: float = 0.25) -> None:
+        self.names = list(names)
+        self.max_s, self.min_s = max(max_s, min_s), min_s
+        self.interval = min_s
+        self.accounting: bool | None = None  # decided at the first sacct attempt
+        self.calls = 0
+        self.last: dict[Key, TaskState] = {}
+
+    @tenacity.retry(retry=tenacity.retry_if_exception_type(SlurmError), stop=tenacity.stop_after_attempt(3),
+                    wait=tenacity.wait_fixed(2), reraise=True)
+    def squeue(self) -> dict[Key, TaskState]:
+        """Retried: a busy slurmctld times out now and then."""
+        self.calls += 1
+        r = _run(["squeue", "-h", "-t", "all", "-n", ",".join(self.names), "-o", SQUEUE_FORMAT])
+        if r.returncode != 0:
+            raise SlurmError(f"squeue failed: {first_line(r.stderr or r.stdout)}")
+        return parse_squeue(r.stdout)
+
+    def sacct(self, job_ids: Sequence[str]) -> dict[Key, TaskState]:
+        if self.accounting is False or not job_ids:
+            return {}
+        r = _run(["sacct", "-X", "-n", "-P", "-j", ",".join(job_ids), "-o", SACCT_FIELDS])
+        if r.returncode != 0:
+            if self.accounting is None or "accounting storage is disabled" in (r.stderr + r.stdout):
+                self.accounting = False
+            return {}
+        self.accounting = True
+        return parse_sacct(r.stdout)
+
+    def poll(self, arrays: dict[str, list[int]]) -> dict[Key, TaskState]:
+        """States of every task of `arrays` (job id -> task indices); also adapts the next sleep."""
+        if not arrays:
+            return {}
+        states = merge(self.squeue(), self.sacct(sorted(arrays)), arrays)
+        self.interval = self.min_s if states != self.last else min(self.max_s, self.interval * 1.5)
+        self.last = states
+        return states
+
+    def sleep(self) -> None:
+        time.sleep(self.interval)

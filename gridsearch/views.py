@@ -1,0 +1,86 @@
+"""What the read-only commands show (status, results, best, plot, dashboard), computed from the
+ledger without starting anything a running sweep owns. The CLI only prints these."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import pandas as pd
+from rich.table import Table
+
+from gridsearch import results
+from gridsearch.core.errors import GridsearchError
+from gridsearch.engine import existing_ledger
+from gridsearch.ledger import Ledger
+from gridsearch.spec import Sweep
+from gridsearch.stages import Stage
+from gridsearch.workspace import Workspace
+
+# Columns left out of the on-screen table (all of them are in `results -o FILE`).
+_OFF_SCREEN = {"number", "config", "tracks_csv", "started", "finished", "ultrack", "gridsearch",
+               "optuna_trial", "error", "Valid", "appearances", "disappearances"}
+
+
+class NoState(GridsearchError):
+    """A view of a sweep that has not run yet."""
+
+
+@contextlib.contextmanager
+def ledger_of(sweep: Sweep) -> Iterator[Ledger]:
+    with existing_ledger(sweep) as led:
+        if led is None:
+            raise NoState(f"{sweep.workdir}: no sweep state yet; run `gridsearch sweep {sweep.path}` first")
+        yield led
+
+
+def results_table(sweep: Sweep) -> pd.DataFrame:
+    with ledger_of(sweep) as led:
+        return results.table(sweep, led)
+
+
+def status(sweep: Sweep) -> dict[str, Any]:
+    """Trials by state, stage runs by stage and state, and what the driver is running now."""
+    by_state: dict[str, int] = {"done": 0, "failed": 0, "running": 0, "pending": len(sweep.trials)}
+    runs: dict[str, dict[str, int]] = {s.label: {} for s in Stage}
+    running: list[dict[str, Any]] = []
+    with existing_ledger(sweep) as led:
+        if led is not None:
+            df = results.table(sweep, led)
+            by_state = {k: int((df["state"] == k).sum()) for k in by_state}
+            for r in led.stage_runs():
+                runs[r["stage"]][r["state"]] = runs[r["stage"]].get(r["state"], 0) + 1
+                if r["state"] == "running":
+                    running.append({k: r[k] for k in ("trial_key", "stage", "batches_done", "batches_total")})
+    holder = Workspace(sweep.workdir).holder()
+    return {"sweep": sweep.name, "workdir": str(sweep.workdir), "driver_pid": holder, "trials": by_state,
+            "stage_runs": runs, "running": running if holder else []}
+
+
+def sorted_rows(df: pd.DataFrame, sweep: Sweep, sort_by: str | None, top: int | None) -> pd.DataFrame:
+    if sort_by:
+        if sort_by not in df.columns:
+            raise GridsearchError(f"--sort {sort_by}: no such column; columns are: {', '.join(df.columns)}")
+        df = df.sort_values(sort_by, ascending=sort_by not in ("objective", sweep.objective),
+                            na_position="last")
+    return df.head(top) if top else df
+
+
+def screen_table(df: pd.DataFrame, sweep: Sweep) -> Table:
+    show = [c for c in df.columns if c not in _OFF_SCREEN and not c.startswith("AOGM")]
+    t = Table(caption=f"objective: {sweep.objective}; every column: -o FILE")
+    for col in show:
+        # on screen, a swept key's section is implied by the stage columns
+        t.add_column(col.split(".", 1)[1] if col in sweep.grid_keys else col, overflow="fold",
+                     no_wrap=col == "trial")
+    for _, row in df[show].iterrows():
+        t.add_row(*(_cell(v) for v in row))
+    return t
+
+
+def _cell(v: Any) -> str:
+    with contextlib.suppress(TypeError, ValueError):
+        if pd.isna(v):
+            return ""
+    return f"{v:.3f}" if isinstance(v, float) else str(v)

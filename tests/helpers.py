@@ -1,0 +1,55 @@
+"""Helpers the tests share: sweep files on the test movie, comparable result tables. Fixtures live in
+conftest.py; these are plain functions, imported as `from helpers import ...`."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+EXAMPLE_GRID = """\
+grid:
+  segmentation.min_area: [30, 60]
+  linking.max_distance: [6.0, 15.0]
+  tracking.appear_weight: [-0.1, -0.5, -1.0]
+"""
+
+
+def pg_available() -> bool:
+    from gridsearch.postgres import PostgresError, find_binaries
+
+    try:
+        find_binaries()
+    except PostgresError:
+        return False
+    return True
+
+
+def write_spec(
+    directory: Path,
+    movie: dict[str, Path],
+    *,
+    name: str = "t",
+    grid: str = EXAMPLE_GRID,
+    extra: str = "",
+    base: str = "config:\n  segmentation: {max_area: 1000}\n  tracking: {solver_name: CBC}\n",
+) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    text = (
+        f"name: {name}\nworkdir: runs/{name}\n"
+        f"data:\n  foreground: {movie['foreground']}\n  contours: {movie['contours']}\n"
+        + base
+        + grid
+        + textwrap.dedent(extra)
+    )
+    path = directory / f"{name}.yaml"
+    path.write_text(text)
+    return path
+
+
+TIME_COLUMNS = ["segment_s", "link_s", "solve_s", "started", "finished", "optuna_trial", "config",
+                "tracks_csv"]
+
+
+def comparable(df):  # type: ignore[no-untyped-def]
+    """A results table without what legitimately differs between two runs (times, paths)."""
+    return df.drop(columns=[c for c in TIME_COLUMNS if c in df.columns]).reset_index(drop=True)
