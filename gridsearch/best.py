@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -90,7 +91,8 @@ def best_config_toml(row: pd.Series) -> str:
     key = row.get("trial", "?")
     if not isinstance(path, str | Path) or not Path(path).is_file():
         raise ValueError(f"trial {key}: its config.toml ({path}) is missing; was the sweep's workdir moved?")
-    cfg: dict[str, Any] = toml.load(str(path))
+    with open(path, "rb") as f:
+        cfg: dict[str, Any] = tomllib.load(f)
     cfg.pop("data", None)
     for section, fields in _EXECUTION_FIELDS.items():
         for f in fields:

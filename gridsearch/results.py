@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from gridsearch.core.files import atomic_write
 from gridsearch.ledger import Ledger
 from gridsearch.spec import Sweep
 from gridsearch.stages import Stage
@@ -66,10 +67,7 @@ def export_trial(
         tracks, _graph = to_tracks_layer(cfg)
     finally:
         release_connections()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / "tracks.csv.tmp"
-    tracks.to_csv(tmp, index=False)
-    tmp.replace(out_dir / "tracks.csv")
+    atomic_write(out_dir / "tracks.csv", lambda tmp: tracks.to_csv(tmp, index=False))
     figures = summarize(tracks, n_frames)
     metrics: dict[str, float] = {}
     if ground_truth is not None:
@@ -163,16 +161,14 @@ def table(sweep: Sweep, ledger: Ledger) -> pd.DataFrame:
 def write(df: pd.DataFrame, path: Path) -> None:
     """Format by extension; written to a temp file first so a reader never sees half a table."""
     ext = path.suffix.lower()
-    tmp = path.with_name(path.name + ".tmp")
     if ext == ".csv":
-        df.to_csv(tmp, index=False)
+        atomic_write(path, lambda tmp: df.to_csv(tmp, index=False))
     elif ext == ".parquet":
-        df.to_parquet(tmp, index=False)
+        atomic_write(path, lambda tmp: df.to_parquet(tmp, index=False))
     elif ext == ".json":
         text = df.to_json(orient="records", date_format="iso", date_unit="us")
-        tmp.write_text(json.dumps(json.loads(text), indent=1))
+        atomic_write(path, json.dumps(json.loads(text), indent=1))
     elif ext in (".md", ".markdown"):
-        tmp.write_text(df.to_markdown(index=False))
+        atomic_write(path, df.to_markdown(index=False))
     else:
         raise ValueError(f"{path}: unknown format {ext!r}; use .csv, .parquet, .json or .md")
-    tmp.replace(path)

@@ -278,24 +278,8 @@ def _check_grid(grid: dict[str, list[Any]], spec_path: Path) -> None:
         )
 
 
-def load(path: str | Path) -> Sweep:
-    """Everything is checked here, before any file or database is touched."""
-    spec_path = Path(path)
-    raw = _read_yaml(spec_path)
-    try:
-        sf = SweepFile.model_validate(raw)
-    except ValidationError as e:
-        raise SpecError(_pydantic_line(f"{spec_path}: ", e)) from None
-    base = spec_path.resolve().parent
-    sf.workdir = _resolve(base, sf.workdir)
-    sf.data.foreground = _resolve(base, sf.data.foreground)
-    sf.data.contours = _resolve(base, sf.data.contours)
-    if sf.data.ground_truth is not None:
-        sf.data.ground_truth = _resolve(base, sf.data.ground_truth)
-        tra = sf.data.ground_truth / "TRA" / "man_track.txt"
-        if not tra.is_file():
-            raise SpecError(f"{spec_path}: data.ground_truth: {tra} not found (expected a CTC TRA folder)")
-    _check_grid(sf.grid, spec_path)
+def _check_options(sf: SweepFile, spec_path: Path) -> None:
+    """Objective, database and executor: combinations that cannot work."""
     if sf.objective is not None:
         allowed = list(SUMMARY_FIGURES) + (list(CTC_METRICS) if sf.data.ground_truth else [])
         if sf.objective not in allowed:
@@ -317,6 +301,17 @@ def load(path: str | Path) -> Sweep:
             f"{spec_path}: database: an existing server needs host and user (or set managed: true)"
         )
 
+
+def _resolve_data(sf: SweepFile, base: Path, spec_path: Path) -> tuple[str, tuple[int, ...]]:
+    """Resolve the input paths; return the data's identity and the movie's shape."""
+    sf.workdir = _resolve(base, sf.workdir)
+    sf.data.foreground = _resolve(base, sf.data.foreground)
+    sf.data.contours = _resolve(base, sf.data.contours)
+    if sf.data.ground_truth is not None:
+        sf.data.ground_truth = _resolve(base, sf.data.ground_truth)
+        tra = sf.data.ground_truth / "TRA" / "man_track.txt"
+        if not tra.is_file():
+            raise SpecError(f"{spec_path}: data.ground_truth: {tra} not found (expected a CTC TRA folder)")
     fg_id, fg_shape = _array_identity(sf.data.foreground, "foreground", spec_path)
     ct_id, ct_shape = _array_identity(sf.data.contours, "contours", spec_path)
     if fg_shape != ct_shape:
@@ -325,18 +320,15 @@ def load(path: str | Path) -> Sweep:
         )
     if fg_shape[0] < 2:
         raise SpecError(f"{spec_path}: data.foreground: {fg_shape[0]} frame(s); tracking needs at least 2")
-    data_identity = hashlib.sha256(f"{fg_id}:{ct_id}".encode()).hexdigest()
+    return hashlib.sha256(f"{fg_id}:{ct_id}".encode()).hexdigest(), fg_shape
 
-    base_raw = _load_base_config(sf.config, base, spec_path)
-    unknown = set(base_raw) - set(SWEEPABLE) - {"data"}
-    if unknown:
-        raise SpecError(f"{spec_path}: config.{sorted(unknown)[0]}: unknown ultrack config section")
-    base_raw.pop("data", None)  # gridsearch owns [data]: where each database lives
-    base_sections = _validate_sections(base_raw, f"{spec_path}: config.")
 
-    keys = list(sf.grid)
+def _expand(grid: dict[str, list[Any]], base_raw: dict[str, Any], data_identity: str,
+            spec_path: Path) -> list[Trial]:
+    """The cartesian product, each trial validated by ultrack's models; no two alike."""
+    keys = list(grid)
     trials: list[Trial] = []
-    for number, combo in enumerate(itertools.product(*(sf.grid[k] for k in keys))):
+    for number, combo in enumerate(itertools.product(*(grid[k] for k in keys))):
         params = dict(zip(keys, combo, strict=True))
         raw_sections = {s: dict(base_raw.get(s, {})) for s in SWEEPABLE}
         for key, value in params.items():
@@ -345,7 +337,7 @@ def load(path: str | Path) -> Sweep:
         where = f"{spec_path}: grid ({', '.join(f'{k}={v}' for k, v in params.items())}): "
         sections = _validate_sections(raw_sections, where)
         trials.append(Trial(number, params, sections, fingerprints(sections, data_identity)))
-    assert math.prod(len(v) for v in sf.grid.values()) == len(trials)
+    assert math.prod(len(v) for v in grid.values()) == len(trials)
     seen: dict[str, Trial] = {}
     for t in trials:
         if t.key in seen:
@@ -353,4 +345,26 @@ def load(path: str | Path) -> Sweep:
             diff = ", ".join(f"{k}: {a[k]!r} vs {b[k]!r}" for k in keys if a[k] != b[k])
             raise SpecError(f"{spec_path}: grid: duplicate values ({diff}) give the same ultrack config")
         seen[t.key] = t
-    return Sweep(spec_path, sf, base_sections, data_identity, trials, fg_shape)
+    return trials
+
+
+def load(path: str | Path) -> Sweep:
+    """Everything is checked here, before any file or database is touched."""
+    spec_path = Path(path)
+    raw = _read_yaml(spec_path)
+    try:
+        sf = SweepFile.model_validate(raw)
+    except ValidationError as e:
+        raise SpecError(_pydantic_line(f"{spec_path}: ", e)) from None
+    base = spec_path.resolve().parent
+    _check_grid(sf.grid, spec_path)
+    _check_options(sf, spec_path)
+    data_identity, shape = _resolve_data(sf, base, spec_path)
+    base_raw = _load_base_config(sf.config, base, spec_path)
+    unknown = set(base_raw) - set(SWEEPABLE) - {"data"}
+    if unknown:
+        raise SpecError(f"{spec_path}: config.{sorted(unknown)[0]}: unknown ultrack config section")
+    base_raw.pop("data", None)  # gridsearch owns [data]: where each database lives
+    base_sections = _validate_sections(base_raw, f"{spec_path}: config.")
+    trials = _expand(sf.grid, base_raw, data_identity, spec_path)
+    return Sweep(spec_path, sf, base_sections, data_identity, trials, shape)

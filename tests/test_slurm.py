@@ -1,9 +1,10 @@
-"""The SLURM executor: parsers on recorded outputs (no cluster), then sweeps on the real single-node
-cluster (tests/slurm/start-cluster.sh) with a managed PostgreSQL server."""
+"""The SLURM executor on the real single-node cluster (tests/slurm/start-cluster.sh) with a managed
+PostgreSQL server. What needs no cluster is in test_slurm_parse.py and test_slurm_chain.py."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,90 +18,14 @@ from helpers import comparable, pg_available, write_spec
 from gridsearch import results
 from gridsearch.engine import existing_ledger, run_sweep
 from gridsearch.slurm import job_names
+from gridsearch.slurm.gateway import Poller
 from gridsearch.slurm.jobs import JobStore
-from gridsearch.slurm.status import Poller, TaskState, merge, parse_sacct, parse_squeue
-from gridsearch.slurm.submit import ArrayRequest, compact, expand, sbatch_argv, script, split
-from gridsearch.spec import ExecutorSpec, load
+from gridsearch.slurm.parse import expand
+from gridsearch.spec import load
 
 pytestmark = pytest.mark.slurm
 ROOT = Path(__file__).resolve().parent.parent
 
-SQUEUE = """\
-239_[2-9%2]|239|239|2-9%2|PENDING|JobArrayTaskLimit|name
-239_0|247|239|0|RUNNING|None|name
-236_2|244|236|2|FAILED|NonZeroExitCode|name
-238_1|238|238|1|FAILED|JobLaunchFailure|name
-237|237|237|N/A|CANCELLED|DependencyNeverSatisfied|name
-235_0|241|235|0|TIMEOUT|TimeLimit|name
-"""
-SACCT = """\
-24_0|30|COMPLETED|0:0
-24_2|32|FAILED|1:0
-27_[2-9%2]|27|PENDING|0:0
-27_0|35|CANCELLED by 0|0:0
-"""
-
-
-# ------------------------------------------------------------------ no cluster needed
-def test_parse_squeue_recorded_lines() -> None:
-    s = parse_squeue(SQUEUE)
-    assert s[("239", 5)] == TaskState("PENDING", "JobArrayTaskLimit", explicit=False)
-    assert s[("239", 0)].live and s[("239", 0)].explicit
-    assert s[("236", 2)].failed and not s[("236", 2)].dependency_failed
-    assert s[("238", 1)].failed
-    assert s[("237", None)].dependency_failed and s[("237", None)].failed
-    assert s[("235", 0)].state == "TIMEOUT" and s[("235", 0)].failed
-    assert ("239", 1) not in s
-
-
-def test_parse_sacct_first_word_and_ranges() -> None:
-    s = parse_sacct(SACCT)
-    assert s[("24", 0)].ok
-    assert s[("24", 2)].state == "FAILED"
-    assert s[("27", 0)].state == "CANCELLED"  # 'CANCELLED by 0'
-    assert s[("27", 9)] == TaskState("PENDING", "", explicit=False)
-
-
-def test_merge_rules() -> None:
-    sq = parse_squeue("239_[2-3]|239|239|2-3|PENDING|Dependency|n\n239_0|247|239|0|COMPLETED|None|n\n"
-                      "237|237|237|N/A|CANCELLED|DependencyNeverSatisfied|n\n")
-    # sacct listing an array as one COMPLETED plain job (right after submission): not trusted
-    sa = parse_sacct("239|239|COMPLETED|0:0\n50_0|60|COMPLETED|0:0\n50_1|61|FAILED|1:0\n"
-                     "51_0|70|COMPLETED|0:0\n")
-    m = merge(sq, sa, {"239": [0, 1, 2, 3], "237": [0, 1], "50": [0, 1], "51": [0, 1], "99": [0]})
-    assert m[("239", 0)].ok
-    assert m[("239", 1)].state == "CANCELLED"  # left the range while the array is still shown
-    assert m[("239", 2)].state == "PENDING"
-    assert all(m[("237", i)].dependency_failed for i in (0, 1))  # a whole array cancelled as one row
-    assert m[("50", 0)].ok and m[("50", 1)].state == "FAILED"  # squeue forgot them, sacct did not
-    assert m[("51", 0)].state == "UNKNOWN"  # sacct lists only part of the array: not trusted
-    assert m[("99", 0)].state == "UNKNOWN"
-
-
-def test_array_syntax_split_and_script_have_no_secret(tmp_path: Path) -> None:
-    assert compact([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
-    assert expand("[2-9%2]") == list(range(2, 10)) and expand("1,4-5") == [1, 4, 5]
-    assert split(list(range(1, 2500)), 1001) == [
-        (0, list(range(1, 1001))), (1001, list(range(0, 1001))), (2002, list(range(0, 498)))]
-    os.environ["PGPASSWORD"] = "s3cret-value"
-    try:
-        spec = ExecutorSpec(kind="slurm", partition="debug", account="mylab", setup=["module load x"],
-                            max_parallel=3, sbatch_args=["--qos=normal"])
-        req = ArrayRequest("gs-x-link", "link", [0, 1, 2, 4], 1001, ["--stage", "link"], tmp_path,
-                           tmp_path, after=["11", "12"])
-        argv = sbatch_argv(req, spec)
-        body = script(req, spec.setup)
-    finally:
-        del os.environ["PGPASSWORD"]
-    assert "--array=0-2,4%3" in argv and "--dependency=afterok:11:12" in argv
-    assert "--kill-on-invalid-dep=yes" in argv and "--partition=debug" in argv
-    assert "--account=mylab" in argv and "--qos=normal" in argv
-    assert "--time=01:00:00" in argv and f"--output={tmp_path}/link-%A_%a.log" in argv
-    assert "module load x" in body and "$((SLURM_ARRAY_TASK_ID + 1001))" in body
-    assert "s3cret" not in " ".join(argv) + body
-
-
-# ------------------------------------------------------------------ the real cluster
 def _cluster_reason() -> str | None:
     try:
         r = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=10)
@@ -155,8 +80,7 @@ def _live(spec: Path) -> list[str]:
 
 
 def _stop_server(spec: Path) -> None:
-    from gridsearch.pgbackend import managed_server
-
+    from gridsearch.backends.postgres import managed_server
     from gridsearch.workspace import Workspace
 
     sw = load(spec)
@@ -359,15 +283,15 @@ def test_view_of_a_server_job_on_another_node_never_starts_a_second_server(
     open_tmp: Path, short_movie: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """status/results must not start a local postmaster on the shared data directory."""
+    from gridsearch.backends import slurm_server as server
     from gridsearch.engine import existing_ledger
     from gridsearch.postgres import PostgresError
-    from gridsearch.slurm import server
 
     spec = write_spec(open_tmp, short_movie, name="slremote", grid=ONE, extra=SLURM)
     ws = load(spec).workdir
     (ws / "postgres").mkdir(parents=True)
     (ws / server.READY).write_text("4242 node042:5999\n")
-    monkeypatch.setattr(server, "_job_state", lambda job: "RUNNING")
+    monkeypatch.setattr(server, "job_state", lambda job: "RUNNING")
     monkeypatch.delenv("ULTRACK_DB_PW", raising=False)
     with pytest.raises(PostgresError, match=r"SLURM job 4242 on node042:5999.*ULTRACK_DB_PW"), \
             existing_ledger(load(spec)):
@@ -377,3 +301,72 @@ def test_view_of_a_server_job_on_another_node_never_starts_a_second_server(
     with pytest.raises(PostgresError, match="node042:5999"), existing_ledger(load(spec)):
         pass
     assert not (ws / "postgres" / "data").exists()
+
+
+FORGETFUL_SQUEUE = """#!/bin/bash
+# squeue as after MinJobAge on a cluster without accounting: finished tasks are forgotten
+{real} "$@" | grep -v '|COMPLETED|'
+exit ${{PIPESTATUS[0]}}
+"""
+
+
+@pytest.fixture(scope="module")
+def last_frame_empty(
+    tmp_path_factory: pytest.TempPathFactory, short_movie: dict[str, Path]
+) -> dict[str, Path]:
+    """short_movie with no cells in its last frame: segment batch 3 writes zero nodes and link batch 2
+    zero links, yet both are complete."""
+    import zarr
+
+    out = tmp_path_factory.mktemp("empty")
+    movie = {}
+    for key in ("foreground", "contours"):
+        src = zarr.open_array(str(short_movie[key]), mode="r")
+        data = src[:]
+        data[-1] = 0
+        movie[key] = out / f"{key}.zarr"
+        copy = zarr.create_array(store=str(movie[key]), shape=data.shape, chunks=src.chunks, dtype=data.dtype)
+        copy[:] = data
+    return movie
+
+
+@cluster
+def test_forgotten_tasks_and_empty_batches_are_done_when_acknowledged(
+    open_tmp: Path, last_frame_empty: dict[str, Path]
+) -> None:
+    """The driver's squeue drops finished tasks (UNKNOWN to the driver) and two batches leave no rows:
+    the workers' acknowledgements alone say they are done, so nothing is resubmitted and the
+    results equal those of the same sweep seen through the real squeue."""
+    real = shutil.which("squeue")
+    assert real is not None
+    bin_dir = open_tmp / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "squeue").write_text(FORGETFUL_SQUEUE.format(real=real))
+    (bin_dir / "squeue").chmod(0o755)
+    plain = write_spec(open_tmp / "plain", last_frame_empty, name="slempty", grid=ONE, extra=SLURM)
+    forgetful = write_spec(open_tmp / "forgetful", last_frame_empty, name="slforget", grid=ONE, extra=SLURM)
+    procs = [_sweep(plain), _sweep(forgetful, {"PATH": f"{bin_dir}:{os.environ['PATH']}"})]
+    try:
+        for proc in procs:
+            _out, err = proc.communicate(timeout=240)
+            assert proc.returncode == 0, err
+        (want, _), (got, rows) = _ledger(plain), _ledger(forgetful)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+        _stop_server(plain)
+        _stop_server(forgetful)
+    pd.testing.assert_frame_equal(comparable(got), comparable(want))
+    assert sorted(rows.stage) == ["link", "segment", "segment", "solve"] and set(rows.attempt) == {0}
+    scripts = load(forgetful).workdir / "logs" / "slurm" / "scripts"
+    assert sorted(p.name.split("-")[0] for p in scripts.glob("*.sh")) == [
+        "link", "segment", "segment", "server", "solve"], "something was resubmitted"
+    # the driver really saw its finished tasks forgotten; frame 3 really had no cells
+    names = ",".join(job_names(load(forgetful)))
+    seen = subprocess.run([str(bin_dir / "squeue"), "-h", "-t", "all", "-n", names, "-o", "%i|%T|"],
+                          capture_output=True, text=True).stdout
+    assert "COMPLETED" not in seen and "COMPLETED" in subprocess.run(
+        [real, "-h", "-t", "all", "-n", names, "-o", "%i|%T|"], capture_output=True, text=True).stdout
+    tracks = pd.read_csv(got.tracks_csv.iloc[0])
+    assert tracks.t.max() == 2

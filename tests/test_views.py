@@ -20,7 +20,8 @@ from helpers import write_spec
 from gridsearch import dashboard, results
 from gridsearch.best import best_config_toml, best_trial, why
 from gridsearch.engine import existing_ledger, run_sweep
-from gridsearch.plots import importances, plot_all
+from gridsearch.importance import importances
+from gridsearch.plots import plot_all
 from gridsearch.spec import Sweep, load
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
