@@ -11,7 +11,7 @@ import pandas as pd
 from rich.table import Table
 
 from gridsearch import results
-from gridsearch.core.errors import GridsearchError
+from gridsearch.core.errors import BadInput, GridsearchError
 from gridsearch.engine import existing_ledger
 from gridsearch.ledger import Ledger
 from gridsearch.spec import Sweep
@@ -61,7 +61,7 @@ def status(sweep: Sweep) -> dict[str, Any]:
 def sorted_rows(df: pd.DataFrame, sweep: Sweep, sort_by: str | None, top: int | None) -> pd.DataFrame:
     if sort_by:
         if sort_by not in df.columns:
-            raise GridsearchError(f"--sort {sort_by}: no such column; columns are: {', '.join(df.columns)}")
+            raise BadInput(f"--sort {sort_by}: no such column; columns are: {', '.join(df.columns)}")
         df = df.sort_values(sort_by, ascending=sort_by not in ("objective", sweep.objective),
                             na_position="last")
     return df.head(top) if top else df

@@ -20,8 +20,9 @@ from gridsearch.postgres import PASSWORD_ENV, Credentials, PostgresError, connec
 from gridsearch.postgres.client import sqlalchemy_url
 from gridsearch.postgres.serve import read_ready
 from gridsearch.slurm import job_name
-from gridsearch.slurm.gateway import LIVE_STATES, job_state, scancel_ids, submit_job
-from gridsearch.slurm.paths import JobPaths
+from gridsearch.slurm.gateway import job_state, scancel_ids, submit_job, wait_gone
+from gridsearch.slurm.parse import LIVE_STATES
+from gridsearch.slurm.paths import SERVER, JobPaths
 from gridsearch.spec import Sweep
 from gridsearch.workspace import Workspace
 
@@ -42,7 +43,7 @@ def submit_server(sweep: Sweep, ws: Workspace) -> str:
     cmd = [sys.executable, "-m", "gridsearch.postgres.serve", "--root", str(ws.root / "postgres"),
            "--ready", str(ws.root / READY), "--dbs", ",".join(sweep_dbs(sweep)),
            "--workers", str(ex.max_parallel)]
-    return submit_job(ex, "server", job_name(sweep, "server"), cmd, JobPaths(ws.logs / "slurm"))
+    return submit_job(ex, SERVER, job_name(sweep, SERVER), cmd, JobPaths.of(ws))
 
 
 def sweep_dbs(sweep: Sweep) -> list[str]:
@@ -56,7 +57,7 @@ def wait_ready(ws: Workspace, job_id: str, timeout: float = READY_TIMEOUT_S) -> 
             return got[1], got[2]
         state = job_state(job_id)
         if state not in LIVE_STATES:
-            log = JobPaths(ws.logs / "slurm").server_log(job_id)
+            log = JobPaths.of(ws).server_log(job_id)
             tail = log.read_text(errors="replace").strip().splitlines()[-5:] if log.exists() else []
             raise PostgresError(f"PostgreSQL server job {job_id} ended ({state}) before it was ready "
                                 f"(log: {log}): {' | '.join(tail)}")
@@ -108,7 +109,7 @@ def open_server_job(sweep: Sweep, ws: Workspace) -> Iterator[PostgresBackend]:
         if not (interrupted or sweep.database.keep):
             scancel_ids([job_id])
             (ws.root / READY).unlink(missing_ok=True)
-            wait_until(lambda: job_state(job_id) not in LIVE_STATES, 60, 0.3)
+            wait_gone(job_id)
 
 
 def remote_view(sweep: Sweep, ws: Workspace) -> PostgresBackend | None:
