@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from gridsearch.backends.postgres import managed_server
 from helpers import comparable, pg_available, write_spec
 
 from gridsearch import results
+from gridsearch.backends.postgres import managed_server
 from gridsearch.engine import existing_ledger
 from gridsearch.spec import load
 from gridsearch.workspace import Workspace

@@ -147,6 +147,8 @@ def test_forgotten_tasks_are_judged_by_their_acknowledgement() -> None:
     assert d.reports == [Report(Event.BATCH_DONE, Stage.LINK, 0), Report(Event.BATCH_DONE, Stage.LINK, 2)]
     assert d.retried == [(Stage.LINK, 1)]
     assert [(s.step, s.batches) for s in d.submit] == [(2, [1]), (3, [0])]
+    d = drv.step(tasks(drv.last(2), i1=GONE), acks(segment=[0, 1, 2, 3], link=[0, 2]))
+    assert d.give_up is not None and d.give_up.why == "gone from SLURM without its worker's acknowledgement"
 
 
 def test_forgotten_and_acknowledged_everywhere_finishes() -> None:

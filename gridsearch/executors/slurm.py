@@ -76,8 +76,10 @@ class SlurmExecutor(Executor):
         while True:
             if self.store.cancelled(chain.row_ids()):
                 raise SweepCancelled("the sweep's jobs were cancelled (gridsearch cancel)")
-            states = self.poller.poll(chain.tasks())  # the scheduler first, then the acks: a task
-            acked = self.ctx.ledger.acked(chain.run_ids())  # finishing in between is seen acked
+            # the scheduler first, then the acknowledgements: a task finishing in between is seen
+            # acknowledged, never COMPLETED without its acknowledgement
+            states = self.poller.poll(chain.tasks())
+            acked = self.ctx.ledger.acked(chain.run_ids())
             decision = chain.decide(states, acked)
             _report(decision.reports, events)
             if decision.finished:

@@ -106,6 +106,8 @@ class GiveUp:
     def why(self) -> str:
         if self.state.ok:
             return "COMPLETED without its worker's acknowledgement"
+        if self.state.state == UNKNOWN:
+            return "gone from SLURM without its worker's acknowledgement"
         reason = self.state.reason
         return self.state.state + (f" ({reason})" if reason and reason != "None" else "")
 

@@ -4,16 +4,22 @@ overwrite their own rows)."""
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
-import toml
 from sqlalchemy.pool import NullPool
+
+
+def _config(path: Path) -> dict[str, Any]:
+    with open(path, "rb") as f:
+        return tomllib.load(f)
 
 
 def database_url(config_path: Path) -> str:
     """The URL the workers use, from the trial's config.toml (the password comes from PGPASSWORD)."""
-    data = toml.load(config_path)["data"]
+    data = _config(config_path)["data"]
     if data.get("database", "sqlite") == "sqlite":
         return f"sqlite:///{Path(data['working_dir']).absolute()}/{data.get('database_file_name', 'data.db')}"
     return f"postgresql://{data['address']}"
@@ -21,7 +27,7 @@ def database_url(config_path: Path) -> str:
 
 def drop_link_batch(config_path: Path, batch: int) -> int:
     """Delete the links out of the batch's source frames; returns how many there were."""
-    n = int(toml.load(config_path)["linking"]["n_workers"])  # frames per link batch
+    n = int(_config(config_path)["linking"]["n_workers"])  # frames per link batch
     engine = sa.create_engine(database_url(config_path), poolclass=NullPool)
     try:
         with engine.begin() as c:

@@ -7,8 +7,7 @@ from typing import Protocol
 from gridsearch.slurm.gateway import max_array_size
 from gridsearch.slurm.parse import compact, split
 from gridsearch.spec import Sweep, Trial
-from gridsearch.stages import Stage
-from gridsearch.ultrackdb import stage_phases
+from gridsearch.stages import Stage, stage_phases
 
 
 class Planned(Protocol):
