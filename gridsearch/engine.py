@@ -86,9 +86,9 @@ class _StageEvents:
 
     def failed(self, reason: str) -> None:
         unfinished = [run for stage, run in self.runs.items() if stage not in self.walls]
+        self.ledger.abandon_queued(unfinished)  # never started: nothing of theirs failed
         for run in unfinished:
             self.ledger.fail_stage(run, reason)
-        self.ledger.abandon_queued(unfinished)
 
 
 @contextlib.contextmanager

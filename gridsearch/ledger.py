@@ -172,10 +172,11 @@ class Ledger:
         return wall
 
     def fail_stage(self, run_id: int, error: str) -> None:
+        """A started run that did not finish; its acknowledged batches stay on record."""
         with self.engine.begin() as c:
             c.execute(
                 stage_run_t.update()
-                .where(stage_run_t.c.id == run_id)
+                .where(stage_run_t.c.id == run_id, stage_run_t.c.state == "running")
                 .values(state="failed", finished_at=time.time(), error=error[:4000])
             )
 

@@ -269,8 +269,14 @@ def plot_stage_times(df: pd.DataFrame, out: Path) -> Path:
     ax.legend(fontsize=8, loc="upper left")
     ax.grid(axis="y", alpha=0.3)
 
-    totals = [float(pd.to_numeric(runs[c], errors="coerce").sum()) if n else 0.0 for c in cols]
-    counts = [int(runs[c].notna().sum()) if n else 0 for c in cols]
+    _stage_totals(axt, runs, cols)
+    return _save(fig, out)
+
+
+def _stage_totals(axt: Any, runs: pd.DataFrame, cols: list[str]) -> None:
+    """The right panel: each stage's total over the sweep, figures in a text block below."""
+    totals = [float(pd.to_numeric(runs[c], errors="coerce").sum()) if len(runs) else 0.0 for c in cols]
+    counts = [int(runs[c].notna().sum()) if len(runs) else 0 for c in cols]
     base = 0.0
     for c, t in zip(cols, totals, strict=True):
         axt.bar([0], [t], bottom=base, color=_STAGE_COLORS.get(c), width=0.6)
@@ -283,7 +289,6 @@ def plot_stage_times(df: pd.DataFrame, out: Path) -> Path:
     axt.set_title(f"total {sum(totals):.1f} s", fontsize=10)
     axt.set_xlabel("\n".join(lines), fontsize=8)
     axt.grid(axis="y", alpha=0.3)
-    return _save(fig, out)
 
 
 def plot_all(

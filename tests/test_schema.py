@@ -106,3 +106,24 @@ def test_a_stage_is_trusted_only_with_every_batch_acknowledged(tmp_path: Path) -
         assert [r["batches_done"] for r in led.stage_runs()] == [2]
     finally:
         led.close()
+
+
+def test_runs_opened_up_front_are_abandoned_not_interrupted_when_never_started(tmp_path: Path) -> None:
+    """Every stage run of a trial exists before its first batch (workers must know the run they
+    acknowledge); those that never started are no interrupted work."""
+    led = Ledger(f"sqlite:///{tmp_path / 's.db'}", "s")
+    try:
+        fps = {s: f"fp-{s.label}" for s in Stage}
+        runs = led.open_stage_runs("main", "k", fps, list(Stage), {})
+        led.start_stage(runs[Stage.SEGMENT], 1)
+        assert led.recover() == 1  # the driver died in segment; link and solve never started
+        assert [r["state"] for r in led.stage_runs()] == ["interrupted", "abandoned", "abandoned"]
+        runs = led.open_stage_runs("main", "k", fps, list(Stage), {})
+        led.start_stage(runs[Stage.SEGMENT], 1)
+        led.abandon_queued(runs.values())
+        for run in runs.values():
+            led.fail_stage(run, "segment batch 0 failed")
+        states = [r["state"] for r in led.stage_runs()][3:]
+        assert states == ["failed", "abandoned", "abandoned"]
+    finally:
+        led.close()
