@@ -21,11 +21,11 @@ from gridsearch.executors.base import (
 )
 from gridsearch.slurm import gateway, job_name, job_names
 from gridsearch.slurm.chain import Array, Chain, Decision, Event, GiveUp, Report, Submission
-from gridsearch.slurm.cleanup import drop_link_batch
 from gridsearch.slurm.jobs import JobRow, JobStore
 from gridsearch.slurm.parse import compact, split
 from gridsearch.slurm.paths import JobPaths
 from gridsearch.stages import Stage
+from gridsearch.ultrackdb import UltrackDB
 
 
 class SlurmExecutor(Executor):
@@ -93,7 +93,8 @@ class SlurmExecutor(Executor):
             raise self._failure(decision.give_up)
         for stage, batch in decision.retried:
             if stage == Stage.LINK:  # link appends rows: a re-run would duplicate what it committed
-                drop_link_batch(jobs[stage].config_path, batch)
+                n = self.frames_per_batch
+                UltrackDB.from_config(jobs[stage].config_path).drop_links_from(batch * n, (batch + 1) * n)
         for submission in decision.submit:
             self._submit(key, chain, submission, jobs[chain.steps[submission.step].stage])
 

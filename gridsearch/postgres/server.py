@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import psycopg
+import tenacity
 from psycopg import sql
 
 from gridsearch.core.errors import first_line
@@ -85,20 +85,19 @@ class PostgresServer(ABC):
         if template is not None:
             stmt += sql.SQL(" TEMPLATE {}").format(sql.Identifier(template))
 
+        # ObjectInUse: a client reconnected to the template between ending its sessions and the
+        # copy (a template must have none); end them again, a few times.
+        @tenacity.retry(retry=tenacity.retry_if_exception_type(psycopg.errors.ObjectInUse),
+                        stop=tenacity.stop_after_attempt(_CREATE_ATTEMPTS),
+                        wait=tenacity.wait_fixed(0.1), reraise=True)
         def create(conn: psycopg.Connection) -> bool:
-            for attempt in range(_CREATE_ATTEMPTS):
-                if template is not None:
-                    _end_sessions(conn, template)
-                try:
-                    conn.execute(stmt)
-                    return True
-                except psycopg.errors.DuplicateDatabase:
-                    return False  # someone else created it meanwhile: fine, idempotent
-                except psycopg.errors.ObjectInUse:
-                    if attempt == _CREATE_ATTEMPTS - 1:
-                        raise
-                    time.sleep(0.1)  # a client reconnected to the template; terminate again
-            return False
+            if template is not None:
+                _end_sessions(conn, template)
+            try:
+                conn.execute(stmt)
+            except psycopg.errors.DuplicateDatabase:
+                return False  # someone else created it meanwhile: fine, idempotent
+            return True
 
         return bool(self._run_admin(f"creating database {name!r}", create))
 

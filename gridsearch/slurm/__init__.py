@@ -1,7 +1,6 @@
 """SLURM plumbing, one concern per module: gateway (the only one that runs SLURM's commands), parse
 (what they print), paths (job scripts and logs), chain (a trial's arrays as a state machine, no I/O),
-jobs (the ledger's record of submitted arrays), cleanup (a failed link batch's partial rows),
-cancel (`gridsearch cancel`), describe (plan view)."""
+jobs (the ledger's record of submitted arrays), cancel (`gridsearch cancel`), describe (plan view)."""
 
 from __future__ import annotations
 
