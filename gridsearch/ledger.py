@@ -159,7 +159,7 @@ class Ledger:
             ).one()
             acked = c.execute(sa.select(sa.func.count()).select_from(batch_t)
                               .where(batch_t.c.run_id == run_id)).scalar_one()
-            if acked < total:
+            if total == 0 or acked < total:
                 raise LedgerError(f"{stage.label} run {run_id}: {acked} of {total} batches acknowledged; "
                                   "refusing to trust it")
             wall = now - started

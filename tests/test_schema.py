@@ -103,7 +103,12 @@ def test_a_stage_is_trusted_only_with_every_batch_acknowledged(tmp_path: Path) -
         assert led.acked([run]) == {run: {0, 1}}
         led.finish_stage(run, "main", Stage.SEGMENT, fps[Stage.SEGMENT])
         assert led.held("main")[Stage.SEGMENT] == fps[Stage.SEGMENT]
-        assert [r["batches_done"] for r in led.stage_runs()] == [2]
+        # a stage that ran no batch at all computed nothing: never trusted
+        empty = led.open_stage_runs("main", "k", fps, [Stage.LINK], {})[Stage.LINK]
+        led.start_stage(empty, 0)
+        with pytest.raises(LedgerError, match="0 of 0 batches"):
+            led.finish_stage(empty, "main", Stage.LINK, fps[Stage.LINK])
+        assert [r["batches_done"] for r in led.stage_runs()][0] == 2
     finally:
         led.close()
 
