@@ -6,7 +6,8 @@ upgrades, so the version is stored (``gs_meta.schema_version``) and checked when
 an older workdir is migrated in place by the driver, a newer one is refused in one line.
 
 Version history: 0 = before versioning (no gs_batch; gs_stage_run.batches_done counted batches),
-1 = batches acknowledged by their workers (gs_batch), SLURM arrays know their stage run."""
+1 = batches acknowledged by their workers (gs_batch), SLURM arrays know their stage run,
+2 = SLURM arrays record the frames per batch their task indices mean."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import sqlalchemy as sa
 
 from gridsearch.core.errors import BadInput
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 VERSION_KEY = "schema_version"
 
 metadata = sa.MetaData()
@@ -84,6 +85,8 @@ slurm_job_t = sa.Table(
     sa.Column("state", sa.String(16), nullable=False),
     sa.Column("submitted_at", sa.Float, nullable=False),
     sa.Column("run_id", sa.Integer),  # the stage run whose batches it acknowledges
+    # what a task index means (batch b covers frames [b*n, (b+1)*n)): re-attach needs the same n
+    sa.Column("frames_per_batch", sa.Integer),
 )
 
 
@@ -118,8 +121,8 @@ def ensure(engine: sa.Engine, *, migrate: bool = True, where: str = "") -> int:
                 f"{where}: written by an older gridsearch (schema v{version}); "
                 "run `gridsearch sweep` on it once to upgrade it"
             )
-        if version == 0:
-            _migrate_0_to_1(conn)
+        for migrate in _MIGRATIONS[version:] if version is not None else ():
+            migrate(conn)
         metadata.create_all(conn)
         conn.execute(meta_t.delete().where(meta_t.c.key == VERSION_KEY))
         conn.execute(meta_t.insert().values(key=VERSION_KEY, value=str(SCHEMA_VERSION)))
@@ -137,3 +140,14 @@ def _migrate_0_to_1(conn: sa.Connection) -> None:
     if insp.has_table(slurm_job_t.name):
         conn.execute(sa.text("ALTER TABLE gs_slurm_job ADD COLUMN run_id INTEGER"))
         conn.execute(sa.text("UPDATE gs_slurm_job SET state = 'closed' WHERE state = 'active'"))
+
+
+def _migrate_1_to_2(conn: sa.Connection) -> None:
+    """Arrays submitted before v2 do not say how many frames a task covers: never re-attached."""
+    if sa.inspect(conn).has_table(slurm_job_t.name):
+        conn.execute(sa.text("ALTER TABLE gs_slurm_job ADD COLUMN frames_per_batch INTEGER"))
+        conn.execute(sa.text("UPDATE gs_slurm_job SET state = 'closed' WHERE state = 'active'"))
+
+
+# _MIGRATIONS[v] upgrades version v to v + 1, in one transaction with the version row
+_MIGRATIONS = [_migrate_0_to_1, _migrate_1_to_2]

@@ -8,8 +8,11 @@ stdin/stdout, one ultrack import per process) and as the body of a SLURM array t
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import json
 import os
+import signal
 import sys
 import time
 import traceback
@@ -24,6 +27,7 @@ from gridsearch.runtime import run_batch
 from gridsearch.stages import Stage
 
 FAIL_ENV = "GRIDSEARCH_FAIL"
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 @dataclass(frozen=True)
@@ -75,8 +79,20 @@ def run_and_acknowledge(task: BatchTask, ledger: sa.Engine | None = None) -> Bat
     return cost
 
 
+def die_with_parent() -> None:
+    """A pool worker must not outlive its driver: after a driver's kill -9, a worker that wrote on
+    would insert rows while the next driver clears the database. Linux's parent-death signal
+    kills it with its parent; a parent already gone before it was set means exit now."""
+    parent = os.getppid()
+    with contextlib.suppress(OSError, AttributeError):  # not Linux: the driver's close() still applies
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
 def serve() -> int:
     """JSON-lines loop on stdin/stdout: one task in, one result out. Logs go to stderr."""
+    die_with_parent()
     # ultrack, tqdm and the CBC solver (C code) print to fd 1: the protocol gets its own fd and
     # fd 1 becomes a copy of stderr (the worker's log).
     out = os.fdopen(os.dup(1), "w", buffering=1)

@@ -66,8 +66,10 @@ def test_v0_workdir_is_migrated_keeping_what_it_trusted(tmp_path: Path) -> None:
         with led.engine.connect() as c:
             cols = {col["name"] for col in sa.inspect(c).get_columns("gs_stage_run")}
             job = c.execute(sa.text("select state, run_id from gs_slurm_job")).one()
+            slurm_cols = {col["name"] for col in sa.inspect(c).get_columns("gs_slurm_job")}
         assert "batches_done" not in cols
         assert tuple(job) == ("closed", None)  # v0 arrays know no run: never re-attached
+        assert {"run_id", "frames_per_batch"} <= slurm_cols
     finally:
         led.close()
     assert _version(db) == str(SCHEMA_VERSION)
@@ -108,7 +110,7 @@ def test_a_stage_is_trusted_only_with_every_batch_acknowledged(tmp_path: Path) -
         led.start_stage(empty, 0)
         with pytest.raises(LedgerError, match="0 of 0 batches"):
             led.finish_stage(empty, "main", Stage.LINK, fps[Stage.LINK])
-        assert [r["batches_done"] for r in led.stage_runs()][0] == 2
+        assert led.stage_runs()[0]["batches_done"] == 2
     finally:
         led.close()
 

@@ -47,14 +47,21 @@ class SlurmExecutor(Executor):
         ledger, finished or not: their workers' acknowledgements say what is done. Queued tasks
         must still be able to log in (stable password), else everything starts over."""
         active = self.store.rows(state="active")
-        self._withdraw([r for r in active if r.trial_key != trial_key])  # must not write while we clear
+        withdrawn = [r for r in active if r.trial_key != trial_key]  # must not write while we clear
         mine = [r for r in active if r.trial_key == trial_key]
         self.store.close([r.id for r in mine if Stage.parse(r.stage) < first])  # trusted already
         mine = [r for r in mine if Stage.parse(r.stage) >= first]
-        runs = {Stage.parse(r.stage): r.run_id for r in mine if r.run_id is not None}  # latest row wins
+        # a task index means frames [b*n, (b+1)*n): with another n, queued tasks would read the
+        # trial's new config.toml with old indices and skip frames
+        runs = {Stage.parse(r.stage): r.run_id for r in mine
+                if r.run_id is not None and r.frames_per_batch == self.frames_per_batch}  # latest wins
         if first not in runs or not self.ctx.backend.stable_password:
             runs = {}
-        self._withdraw([r for r in mine if r.run_id is None or runs.get(Stage.parse(r.stage)) != r.run_id])
+        withdrawn += [r for r in mine if runs.get(Stage.parse(r.stage)) != r.run_id
+                      or r.frames_per_batch != self.frames_per_batch]
+        self._withdraw(withdrawn)
+        if not runs:  # the engine clears the database next: nothing withdrawn may still be writing
+            gateway.wait_all_gone(sorted({r.job_id for r in withdrawn}))
         return runs
 
     # ---- run --------------------------------------------------------------------------------------
@@ -110,7 +117,7 @@ class SlurmExecutor(Executor):
             job_id = gateway.submit_array(request, self.spec)
             self.submissions += 1
             row_id = self.store.add(key, step.stage.label, step.phase, job_id, compact(indices), offset,
-                                    submission.attempt, job.run_id)
+                                    submission.attempt, job.run_id, self.frames_per_batch)
             chain.record(submission.step, Array(job_id, indices, offset, submission.attempt, row_id))
 
     def _failure(self, give_up: GiveUp) -> StageFailed:

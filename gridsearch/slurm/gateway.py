@@ -186,6 +186,21 @@ def wait_gone(job_id: str, timeout: float = 60) -> bool:
     return bool(wait_until(lambda: job_state(job_id) not in LIVE_STATES, timeout, 0.3))
 
 
+def wait_all_gone(job_ids: Sequence[str], timeout: float = 300) -> bool:
+    """Until none of the jobs (arrays included) is queued or running any more: scancel returns
+    before its signals have landed, and a task still writing must not meet a clear."""
+    if not job_ids:
+        return True
+
+    def gone() -> bool:
+        r = _run(["squeue", "-h", "-j", ",".join(job_ids), "-o", "%T"])
+        if r.returncode != 0:  # every id forgotten already, or the scheduler did not answer
+            return "Invalid job id" in r.stderr
+        return not any(state in LIVE_STATES for state in r.stdout.split())
+
+    return bool(wait_until(gone, timeout, 0.5))
+
+
 # ---- polling the tasks of many arrays --------------------------------------------------------
 class Poller:
     """One squeue (+ one sacct) per poll for a set of job names; sleeps adaptively between polls:

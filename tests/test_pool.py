@@ -1,0 +1,83 @@
+"""The local worker pool (PostgreSQL, `workers: N`) under faults: a worker killed mid-sweep fails
+one trial, never leaves others writing, and the pool recovers; a driver killed with -9 takes its
+workers with it (they must not write while the next driver clears the database)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from helpers import pg_available, write_spec
+
+from gridsearch import results
+from gridsearch.backends.postgres import managed_server
+from gridsearch.engine import existing_ledger
+from gridsearch.spec import load
+from gridsearch.workspace import Workspace
+
+pytestmark = [pytest.mark.postgres,
+              pytest.mark.skipif(not pg_available(), reason="PostgreSQL binaries not installed")]
+
+POOL = """
+database: {kind: postgresql, managed: true}
+executor: {kind: local, workers: 2}
+"""
+
+
+def _workers(driver: psutil.Process) -> list[psutil.Process]:
+    return [p for p in driver.children() if "gridsearch.worker" in " ".join(p.cmdline())]
+
+
+def _start(spec: Path) -> tuple[subprocess.Popen, list[psutil.Process]]:  # type: ignore[type-arg]
+    proc = subprocess.Popen([sys.executable, "-m", "gridsearch.cli", "sweep", "-q", str(spec)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    driver = psutil.Process(proc.pid)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(_workers(driver)) < 2:
+        time.sleep(0.2)
+    workers = _workers(driver)
+    assert len(workers) == 2, "the pool never started"
+    time.sleep(4)  # past the ultrack import: the workers are running batches now
+    return proc, workers
+
+
+def test_driver_killed_with_9_takes_its_workers(open_tmp: Path, movie: dict[str, Path]) -> None:
+    spec = write_spec(open_tmp, movie, name="poolkill", extra=POOL)
+    proc, workers = _start(spec)
+    try:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=30)
+        _, alive = psutil.wait_procs(workers, timeout=10)
+        assert not alive, f"pool workers outlived their driver: {[p.pid for p in alive]}"
+        # and the next driver finishes the sweep
+        r = subprocess.run([sys.executable, "-m", "gridsearch.cli", "sweep", "-q", str(spec)],
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr
+    finally:
+        sw = load(spec)
+        managed_server(sw, Workspace(sw.workdir)).stop()  # the -9'd driver could not stop it
+
+
+def test_a_killed_worker_fails_one_trial_and_the_pool_recovers(open_tmp: Path,
+                                                               movie: dict[str, Path]) -> None:
+    spec = write_spec(open_tmp, movie, name="poolworker", extra=POOL)
+    proc, workers = _start(spec)
+    victim, survivor = workers
+    victim.kill()
+    # the survivor is stopped before the engine moves on (it could be writing): gone within its
+    # 10 s grace, while the sweep goes on with a fresh pool
+    _, alive = psutil.wait_procs([survivor], timeout=30)
+    assert not alive, "the surviving worker kept running after its pool failed"
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 1, err  # one trial failed
+    with existing_ledger(load(spec)) as led:
+        df = results.table(load(spec), led)
+    failed = df[df.state == "failed"]
+    assert len(failed) == 1 and failed.error.str.contains("exited with code -9").all(), failed.error
+    assert (df.state == "done").sum() == len(df) - 1
