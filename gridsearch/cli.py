@@ -284,15 +284,13 @@ def dashboard(spec: str, port: int, host: str) -> None:
 @click.argument("spec", type=click.Path(dir_okay=False))
 def cancel(spec: str) -> None:
     """SLURM: scancel every job of the sweep; the next `sweep` recovers from where it stopped."""
-    from gridsearch.engine import existing_ledger
     from gridsearch.slurm.cancel import cancel_sweep
-    from gridsearch.slurm.jobs import JobStore
+    from gridsearch.workspace import Workspace
 
     sw = _load(spec)
     if sw.executor.kind != "slurm":
         fail(f"{spec}: executor: cancel applies to SLURM sweeps; stop a local sweep with Ctrl-C")
-    with existing_ledger(sw) as led:
-        n = cancel_sweep(sw, JobStore(led.engine) if led is not None else None)
+    n = cancel_sweep(sw, Workspace(sw.workdir))
     click.echo(f"cancelled {n} job(s) of sweep {sw.name}")
 
 

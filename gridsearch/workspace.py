@@ -32,6 +32,12 @@ class Workspace:
     def lock_path(self) -> Path:
         return self.root / ".lock"
 
+    @property
+    def cancel_request(self) -> Path:
+        """Written by `gridsearch cancel`: a file on the shared filesystem reaches a driver on any
+        node, and needs no database password to write."""
+        return self.root / "cancel.requested"
+
     def trial_dir(self, key: str) -> Path:
         return self.root / "trials" / key
 

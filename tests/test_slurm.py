@@ -303,6 +303,29 @@ def test_view_of_a_server_job_on_another_node_never_starts_a_second_server(
     assert not (ws / "postgres" / "data").exists()
 
 
+def test_cancel_needs_no_password_on_a_login_node(
+    open_tmp: Path, short_movie: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server job runs on another node and this shell has no ULTRACK_DB_PW: cancel still
+    withdraws by job name and leaves its request for the driver (it used to fail on the ledger)."""
+    from click.testing import CliRunner
+
+    from gridsearch.backends import slurm_server as server
+    from gridsearch.cli import main
+    from gridsearch.workspace import Workspace
+
+    spec = write_spec(open_tmp, short_movie, name="slcancelremote", grid=ONE, extra=SLURM)
+    ws = load(spec).workdir
+    (ws / "postgres").mkdir(parents=True)
+    (ws / server.READY).write_text("4242 node042:5999\n")
+    monkeypatch.setattr(server, "job_state", lambda job: "RUNNING")
+    monkeypatch.delenv("ULTRACK_DB_PW", raising=False)
+    r = CliRunner().invoke(main, ["cancel", str(spec)])
+    assert r.exit_code == 0 and "cancelled 0 job(s)" in r.output, r.output
+    assert Workspace(ws).cancel_request.exists()
+    assert not (ws / "postgres" / "data").exists()
+
+
 FORGETFUL_SQUEUE = """#!/bin/bash
 # squeue as after MinJobAge on a cluster without accounting: finished tasks are forgotten
 {real} "$@" | grep -v '|COMPLETED|'

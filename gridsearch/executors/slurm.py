@@ -36,6 +36,9 @@ class SlurmExecutor(Executor):
         self.poller = gateway.Poller(job_names(ctx.sweep), self.spec.poll_seconds)
         self.paths = JobPaths.of(ctx.ws)
         self.submissions = 0  # sbatch calls of this driver
+        if ctx.ws.cancel_request.exists():  # `gridsearch cancel` while no driver watched
+            self.store.mark_all_cancelled()
+            ctx.ws.cancel_request.unlink(missing_ok=True)
 
     @property
     def frames_per_batch(self) -> int:
@@ -81,7 +84,7 @@ class SlurmExecutor(Executor):
     def _watch(self, key: str, chain: Chain, jobs: dict[Stage, StageJob], events: Events) -> None:
         """Until the chain is finished: poll, read acknowledgements, carry out the decision."""
         while True:
-            if self.store.cancelled(chain.row_ids()):
+            if self.ctx.ws.cancel_request.exists() or self.store.cancelled(chain.row_ids()):
                 raise SweepCancelled("the sweep's jobs were cancelled (gridsearch cancel)")
             # the scheduler first, then the acknowledgements: a task finishing in between is seen
             # acknowledged, never COMPLETED without its acknowledgement

@@ -1,20 +1,23 @@
-"""`gridsearch cancel`: withdraw every job of a sweep (arrays, retries, the server job)."""
+"""`gridsearch cancel`: withdraw every job of a sweep (arrays, retries, the server job), from any
+node and without the database password: by job name, plus a request file in the workdir that the
+running driver (or, if none runs, the next one) reads and records in the ledger."""
 
 from __future__ import annotations
 
+import time
+
+from gridsearch.core.files import atomic_write
 from gridsearch.slurm import gateway, job_names
-from gridsearch.slurm.jobs import JobStore
 from gridsearch.spec import Sweep
+from gridsearch.workspace import Workspace
 
 
-def cancel_sweep(sweep: Sweep, store: JobStore | None) -> int:
-    """scancel by the sweep's job names (one call for all) and mark its arrays cancelled in the
-    ledger (`store`; None when the sweep has no ledger yet): a running driver stops at its next
-    poll, and the next `sweep` recomputes those stages instead of re-attaching. Returns how many
-    jobs were live."""
+def cancel_sweep(sweep: Sweep, ws: Workspace) -> int:
+    """The request first (a driver must not resubmit what is being cancelled), then one scancel
+    by the sweep's job names. Returns how many jobs were live."""
     names = job_names(sweep)
     live = gateway.live_jobs(names)
-    if store is not None:
-        store.mark_all_cancelled()
+    if ws.root.exists():
+        atomic_write(ws.cancel_request, f"{time.time():.0f}\n")
     gateway.scancel_names(names)
     return len(live)
