@@ -14,9 +14,9 @@ from typing import Any
 
 from gridsearch import executors, results
 from gridsearch.backends import open_backend
-from gridsearch.core.errors import one_line
+from gridsearch.core.errors import GridsearchError, one_line
 from gridsearch.core.signals import terminate_as_exit
-from gridsearch.executors.base import Executor, ExecutorContext, StageFailed, StageJob, SweepCancelled
+from gridsearch.executors.base import Executor, ExecutorContext, StageFailed, StageJob
 from gridsearch.ledger import Ledger
 from gridsearch.planner import Plan, PlannedTrial, make_plan
 from gridsearch.progress import Reporter, Silent
@@ -119,7 +119,7 @@ def run_sweep(sweep: Sweep, *, restart: bool = False, reporter: Reporter | None 
     with terminate_as_exit(), ws.lock():
         if restart and (dest := archive(ws)):
             rep.message(f"previous results archived in {dest}")
-        with open_backend(sweep, ws) as backend:
+        with open_backend(sweep, ws, notify=rep.message) as backend:
             if restart and (old := backend.archive_ledger()):
                 rep.message(f"previous ledger kept in database {old}")
             ledger = Ledger(backend.ledger_url, sweep.name, backend.engine_kwargs)
@@ -129,7 +129,7 @@ def run_sweep(sweep: Sweep, *, restart: bool = False, reporter: Reporter | None 
                 if n:
                     rep.message(f"{n} interrupted stage run(s) found: their results will be recomputed")
                 plan = plan_for(sweep, ledger)
-                executor = executors.create(ExecutorContext(sweep, ws, backend, ledger))
+                executor = executors.create(ExecutorContext(sweep, ws, backend, ledger, rep.message))
                 rep.sweep_started(plan)
                 try:
                     outcome = _Driver(sweep, ws, ledger, backend.ultrack_db(MAIN_DB), executor, rep).run(plan)
@@ -198,8 +198,8 @@ class _Driver:
                 data = self.sweep.file
                 figures, metrics = results.export_trial(config_path, tdir, self.sweep.shape[0],
                                                         data.data.ground_truth, data.keep_label_images)
-        except SweepCancelled:
-            raise  # the trial stays as a kill leaves it: resumable
+        except GridsearchError:
+            raise  # cancelled, or a service down: the sweep stops, the trial stays resumable
         except Exception as e:  # a stage, the clear or the export failed: this trial, not the sweep
             reason = str(e) if isinstance(e, StageFailed) else one_line(e)
             events.failed(reason)

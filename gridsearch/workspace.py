@@ -33,6 +33,12 @@ class Workspace:
         return self.root / ".lock"
 
     @property
+    def pgpass(self) -> Path:
+        """libpq's password file for jobs on other nodes (0600 in a 0700 directory), never their
+        environment, which the scheduler saves."""
+        return self.root / "secrets" / "pgpass"
+
+    @property
     def cancel_request(self) -> Path:
         """Written by `gridsearch cancel`: a file on the shared filesystem reaches a driver on any
         node, and needs no database password to write."""

@@ -326,6 +326,76 @@ def test_cancel_needs_no_password_on_a_login_node(
     assert not (ws / "postgres" / "data").exists()
 
 
+FLAKY_SQUEUE = """#!/bin/bash
+# squeue while slurmctld is overloaded: it times out as long as the flag file exists
+if [ -e {flag} ]; then
+  echo "squeue: error: slurm_load_jobs error: Socket timed out on send/recv operation" >&2
+  exit 1
+fi
+exec {real} "$@"
+"""
+
+
+def _saved_job_files() -> list[Path]:
+    """What slurmctld keeps of queued jobs (their scripts and environments)."""
+    text = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True).stdout
+    state_dir = Path(next(ln.split("=", 1)[1].strip() for ln in text.splitlines()
+                          if ln.startswith("StateSaveLocation")))
+    return [f for f in state_dir.rglob("*") if f.is_file() and "job." in str(f)]
+
+
+def _node(state: str) -> None:
+    subprocess.run(["scontrol", "update", "nodename=localhost", f"state={state}", "reason=gs-test"],
+                   check=True, capture_output=True)
+
+
+@cluster
+def test_queue_waits_and_scheduler_outages_are_waited_out(
+    open_tmp: Path, short_movie: dict[str, Path], reference: pd.DataFrame
+) -> None:
+    """One wait, several faults: the server job pends on a drained node for longer than the time it
+    may take to start once running, squeue times out while it pends and again mid-sweep. The sweep
+    says why it waits and finishes with every trial done (it used to fail: 'not ready after 300 s',
+    and every remaining trial failed on a squeue outage)."""
+    spec = write_spec(open_tmp, short_movie, name="slqueue", grid=GRID, extra=SLURM)
+    bin_dir, flag = open_tmp / "bin", open_tmp / "squeue.down"
+    bin_dir.mkdir()
+    wrapper = bin_dir / "squeue"
+    wrapper.write_text(FLAKY_SQUEUE.format(flag=flag, real=shutil.which("squeue")))
+    wrapper.chmod(0o755)
+    password = "pw-" + os.urandom(8).hex()
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "GRIDSEARCH_SERVER_READY_S": "15",
+           "ULTRACK_DB_PW": password}
+    _node("drain")
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "gridsearch.cli", "sweep", str(spec)],
+                                env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, cwd=ROOT)
+        time.sleep(5)
+        flag.touch()  # the scheduler times out while the server job pends
+        time.sleep(8)
+        flag.unlink()
+        time.sleep(15)  # pending 28 s in all: more than the 15 s it may take once running
+        assert proc.poll() is None, proc.communicate()
+        # slurmctld saved the pending job's environment: the password is not in it
+        assert _saved_job_files() and not any(password.encode() in f.read_bytes() for f in _saved_job_files())
+        _node("resume")
+        _wait_for_link(spec, proc, running=False)
+        flag.touch()  # and again mid-sweep, with arrays queued
+        time.sleep(12)
+        flag.unlink()
+        out, err = proc.communicate(timeout=300)
+    finally:
+        flag.unlink(missing_ok=True)
+        _node("resume")
+        _stop_server(spec)
+    assert proc.returncode == 0, err
+    assert "is PENDING (" in out and "waiting" in out, out
+    assert "Socket timed out" in out and "waiting for the scheduler" in out, out
+    df, _rows = _ledger(spec)
+    pd.testing.assert_frame_equal(comparable(df), comparable(reference))
+
+
 FORGETFUL_SQUEUE = """#!/bin/bash
 # squeue as after MinJobAge on a cluster without accounting: finished tasks are forgotten
 {real} "$@" | grep -v '|COMPLETED|'

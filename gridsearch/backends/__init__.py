@@ -9,9 +9,10 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from gridsearch.backends.base import Backend
+from gridsearch.core.errors import ignore
 from gridsearch.spec import Sweep
 from gridsearch.workspace import Workspace
 
@@ -19,7 +20,8 @@ __all__ = ["Backend", "open_backend"]
 
 
 @contextlib.contextmanager
-def open_backend(sweep: Sweep, ws: Workspace, read_only: bool = False) -> Iterator[Backend]:
+def open_backend(sweep: Sweep, ws: Workspace, read_only: bool = False,
+                 notify: Callable[[str], None] = ignore) -> Iterator[Backend]:
     """read_only: for views (status, results) that must not start a sweep's resources for long."""
     if sweep.database.kind == "sqlite":
         yield Backend(ws, f"sqlite:///{ws.state_db}")
@@ -29,7 +31,7 @@ def open_backend(sweep: Sweep, ws: Workspace, read_only: bool = False) -> Iterat
         from gridsearch.backends.slurm_server import open_server_job, remote_view
 
         if not read_only:
-            with open_server_job(sweep, ws) as be:
+            with open_server_job(sweep, ws, notify) as be:
                 yield be
             return
         remote = remote_view(sweep, ws)

@@ -2,32 +2,48 @@
 killed driver left), wait for its ready file, hand out a Backend over TCP, cancel it at the end.
 
 The job's half (start, create the databases, announce host:port) is gridsearch.postgres.serve. The
-password reaches the job through the environment sbatch exports (ULTRACK_DB_PW), never argv.
+password reaches the job in libpq's pgpass file (workdir/secrets, 0600 in 0700), never argv or the
+job's environment (slurmctld saves that).
 A driver killed with -9 leaves the job up; the next driver re-uses it when the ready file names a
-job that is still running and ULTRACK_DB_PW fixes the password (queued tasks carry it)."""
+job that is still running and ULTRACK_DB_PW fixes the password (queued tasks read it)."""
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import secrets
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 
 from gridsearch.backends.postgres import PostgresBackend, connected, db_name, is_this_host, remote_credentials
+from gridsearch.core.errors import ignore
+from gridsearch.core.files import tail
+from gridsearch.core.secrets import write_pgpass
 from gridsearch.core.waiting import wait_until
 from gridsearch.postgres import PASSWORD_ENV, Credentials, PostgresError, connect
 from gridsearch.postgres.client import sqlalchemy_url
 from gridsearch.postgres.serve import read_ready
 from gridsearch.slurm import job_name
-from gridsearch.slurm.gateway import job_state, scancel_ids, submit_job, wait_gone
+from gridsearch.slurm.gateway import (
+    PATIENCE_S,
+    job_state,
+    job_state_reason,
+    patiently,
+    queue_position,
+    scancel_ids,
+    submit_job,
+    wait_gone,
+)
 from gridsearch.slurm.parse import LIVE_STATES
 from gridsearch.slurm.paths import SERVER, JobPaths
 from gridsearch.spec import Sweep
 from gridsearch.workspace import Workspace
 
 READY = "postgres.ready"
-READY_TIMEOUT_S = 300.0
+READY_S = 300.0  # from RUNNING to accepting connections (initdb + start on a slow filesystem)
+READY_ENV = "GRIDSEARCH_SERVER_READY_S"
 
 
 def live_server(ws: Workspace) -> tuple[str, str, int] | None:
@@ -38,34 +54,65 @@ def live_server(ws: Workspace) -> tuple[str, str, int] | None:
     return got
 
 
-def submit_server(sweep: Sweep, ws: Workspace) -> str:
+def submit_server(sweep: Sweep, ws: Workspace, password: str) -> str:
+    """The password goes to the job in libpq's pgpass file, never its saved environment."""
     ex = sweep.executor
+    passfile = write_pgpass(ws.pgpass, password)
     cmd = [sys.executable, "-m", "gridsearch.postgres.serve", "--root", str(ws.root / "postgres"),
            "--ready", str(ws.root / READY), "--dbs", ",".join(sweep_dbs(sweep)),
-           "--workers", str(ex.max_parallel)]
-    return submit_job(ex, SERVER, job_name(sweep, SERVER), cmd, JobPaths.of(ws))
+           "--workers", str(ex.max_parallel), "--passfile", str(passfile)]
+    env = {"PGPASSFILE": str(passfile)}
+    return submit_job(ex, SERVER, job_name(sweep, SERVER), cmd, JobPaths.of(ws), env)
 
 
 def sweep_dbs(sweep: Sweep) -> list[str]:
     return [db_name(sweep, "state"), db_name(sweep, "main")]
 
 
-def wait_ready(ws: Workspace, job_id: str, timeout: float = READY_TIMEOUT_S) -> tuple[str, int]:
-    def probe() -> tuple[str, int] | None:
-        got = read_ready(ws.root / READY)
-        if got and got[0] == job_id:
+class _ServerWait:
+    """Waiting for the server job: as long as it is PENDING (queues wait hours; say why, and where
+    it stands, when that changes or every few minutes), READY_S once it runs, and a scheduler
+    outage waited out; a terminal state ends it at once."""
+
+    def __init__(self, ws: Workspace, job_id: str, notify: Callable[[str], None], ready_s: float) -> None:
+        self.ws, self.job_id, self.notify, self.ready_s = ws, job_id, notify, ready_s
+        self.running_since: float | None = None
+        self.said: tuple[str, str] = ("", "")
+        self.said_at = 0.0
+
+    def probe(self) -> tuple[str, int] | None:
+        got = read_ready(self.ws.root / READY)
+        if got and got[0] == self.job_id:
             return got[1], got[2]
-        state = job_state(job_id)
-        if state not in LIVE_STATES:
-            log = JobPaths.of(ws).server_log(job_id)
-            tail = log.read_text(errors="replace").strip().splitlines()[-5:] if log.exists() else []
-            raise PostgresError(f"PostgreSQL server job {job_id} ended ({state}) before it was ready "
-                                f"(log: {log}): {' | '.join(tail)}")
+        state, reason = patiently(lambda: job_state_reason(self.job_id), PATIENCE_S, self.notify,
+                                  f"PostgreSQL server job {self.job_id}")
+        log = JobPaths.of(self.ws).server_log(self.job_id)
+        if state == "PENDING":
+            self._tell(state, reason)
+        elif state in LIVE_STATES:
+            self.running_since = self.running_since or time.monotonic()
+            if time.monotonic() - self.running_since > self.ready_s:
+                raise PostgresError(f"PostgreSQL server job {self.job_id} runs but was not ready after "
+                                    f"{self.ready_s:.0f} s (log: {log})")
+        else:
+            last = tail(log, 5).replace("\n", " | ")
+            raise PostgresError(f"PostgreSQL server job {self.job_id} ended ({state}) before it was ready "
+                                f"(log: {log}): {last}")
         return None
 
-    got = wait_until(probe, timeout, 0.5)
-    if got is None:
-        raise RuntimeError(f"PostgreSQL server job {job_id} not ready after {timeout:.0f} s")
+    def _tell(self, state: str, reason: str) -> None:
+        if (state, reason) == self.said and time.monotonic() - self.said_at < 300:
+            return
+        position = queue_position(self.job_id)
+        where = f", position {position} in the queue" if position else ""
+        self.notify(f"PostgreSQL server job {self.job_id} is {state} ({reason}{where}); waiting")
+        self.said, self.said_at = (state, reason), time.monotonic()
+
+
+def wait_ready(ws: Workspace, job_id: str, notify: Callable[[str], None] = ignore) -> tuple[str, int]:
+    ready_s = float(os.environ.get(READY_ENV, READY_S))
+    got = wait_until(_ServerWait(ws, job_id, notify, ready_s).probe, math.inf, 1.0)
+    assert got is not None  # the wait only ends with an answer or an exception
     return got
 
 
@@ -82,20 +129,20 @@ def _reusable_job(ws: Workspace, user_pw: str | None) -> str | None:
 
 
 @contextlib.contextmanager
-def open_server_job(sweep: Sweep, ws: Workspace) -> Iterator[PostgresBackend]:
+def open_server_job(sweep: Sweep, ws: Workspace,
+                    notify: Callable[[str], None] = ignore) -> Iterator[PostgresBackend]:
     """The sweep's Backend on a server that runs as a SLURM job (started here or re-used)."""
     (ws.root / "postgres").mkdir(parents=True, exist_ok=True)
     user_pw = os.environ.get(PASSWORD_ENV)
     job_id = _reusable_job(ws, user_pw)
     reused = job_id is not None
     password = user_pw or secrets.token_urlsafe(24)
-    os.environ[PASSWORD_ENV] = password  # reaches the server job through sbatch's --export
     if job_id is None:
         (ws.root / READY).unlink(missing_ok=True)
-        job_id = submit_server(sweep, ws)
+        job_id = submit_server(sweep, ws, password)
     interrupted = False
     try:
-        host, port = wait_ready(ws, job_id)
+        host, port = wait_ready(ws, job_id, notify)
         creds = Credentials(host, port, "gridsearch", password)
         with connected(sweep, ws, creds, None, db_name(sweep, "state")) as backend:
             backend.stable_password = reused
@@ -104,12 +151,11 @@ def open_server_job(sweep: Sweep, ws: Workspace) -> Iterator[PostgresBackend]:
         interrupted = True  # queued arrays stay for re-attach: so does their server
         raise
     finally:
-        if user_pw is None:
-            os.environ.pop(PASSWORD_ENV, None)
         if not (interrupted or sweep.database.keep):
             scancel_ids([job_id])
             (ws.root / READY).unlink(missing_ok=True)
             wait_gone(job_id)
+            ws.pgpass.unlink(missing_ok=True)
 
 
 def remote_view(sweep: Sweep, ws: Workspace) -> PostgresBackend | None:

@@ -36,3 +36,12 @@ def one_line(exc: BaseException) -> str:
     """``Type: first line`` for exceptions whose type tells something the message does not."""
     lines = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+class Unavailable(GridsearchError):
+    """A service the sweep needs (the scheduler, the database server) stayed unavailable: the sweep
+    stops, resumable, instead of failing its trials one after another."""
+
+
+def ignore(text: str) -> None:
+    """The default for a `notify` callback: say nothing."""

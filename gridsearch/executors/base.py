@@ -4,13 +4,13 @@ report a batch done only when the ledger holds its worker's acknowledgement."""
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from gridsearch.backends import Backend
-from gridsearch.core.errors import GridsearchError
+from gridsearch.core.errors import GridsearchError, ignore
 from gridsearch.ledger import Ledger
 from gridsearch.spec import Sweep
 from gridsearch.stages import Stage
@@ -41,6 +41,7 @@ class ExecutorContext:
     ws: Workspace
     backend: Backend
     ledger: Ledger
+    notify: Callable[[str], None] = ignore  # one line for the person watching (waits, outages)
 
 
 class StageFailed(Exception):

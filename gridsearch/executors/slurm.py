@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from gridsearch.core.files import tail
+from gridsearch.core.secrets import write_pgpass
 from gridsearch.executors.base import (
     Events,
     Executor,
@@ -33,9 +34,10 @@ class SlurmExecutor(Executor):
         super().__init__(ctx)
         self.spec = ctx.sweep.executor
         self.store = JobStore(ctx.ledger.engine)
-        self.poller = gateway.Poller(job_names(ctx.sweep), self.spec.poll_seconds)
+        self.poller = gateway.Poller(job_names(ctx.sweep), self.spec.poll_seconds, notify=ctx.notify)
         self.paths = JobPaths.of(ctx.ws)
         self.submissions = 0  # sbatch calls of this driver
+        self.job_env = self._passfile(ctx.backend.env)
         if ctx.ws.cancel_request.exists():  # `gridsearch cancel` while no driver watched
             self.store.mark_all_cancelled()
             ctx.ws.cancel_request.unlink(missing_ok=True)
@@ -43,6 +45,13 @@ class SlurmExecutor(Executor):
     @property
     def frames_per_batch(self) -> int:
         return self.spec.frames_per_batch
+
+    def _passfile(self, env: dict[str, str]) -> dict[str, str]:
+        """Tasks get the password through a pgpass file, never the environment slurmctld saves."""
+        password = env.get("PGPASSWORD")
+        if password is None:
+            return {}
+        return {"PGPASSFILE": str(write_pgpass(self.ctx.ws.pgpass, password))}
 
     # ---- re-attach ------------------------------------------------------------------------------
     def reattach(self, trial_key: str, first: Stage) -> dict[Stage, int]:
@@ -117,7 +126,7 @@ class SlurmExecutor(Executor):
             request = gateway.ArrayRequest(
                 job_name(self.ctx.sweep, step.stage.label), step.stage.label, indices, offset, worker_args,
                 self.paths.logs, self.paths.scripts, after)
-            job_id = gateway.submit_array(request, self.spec)
+            job_id = gateway.submit_array(request, self.spec, self.job_env)
             self.submissions += 1
             row_id = self.store.add(key, step.stage.label, step.phase, job_id, compact(indices), offset,
                                     submission.attempt, job.run_id, self.frames_per_batch)
@@ -145,7 +154,10 @@ class SlurmExecutor(Executor):
         gateway.scancel_ids(sorted(set(job_ids)))
 
     def close(self) -> None:
-        """Arrays of an interrupted trial stay queued: the ledger holds them for re-attach."""
+        """Arrays of an interrupted trial stay queued (the ledger holds them for re-attach), and so
+        does the password file they read; with none left, the file goes."""
+        if not self.store.rows(state="active"):
+            self.ctx.ws.pgpass.unlink(missing_ok=True)
 
 
 def _report(reports: Iterable[Report], events: Events) -> None:

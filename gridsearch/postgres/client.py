@@ -12,11 +12,11 @@ from urllib.parse import quote
 import psycopg
 
 from gridsearch.core.errors import GridsearchError, first_line
+from gridsearch.core.secrets import PASSWORD_ENV as PASSWORD_ENV  # defined once, re-exported
 
 if TYPE_CHECKING:
     import sqlalchemy
 
-PASSWORD_ENV = "ULTRACK_DB_PW"
 DEFAULT_ROLE = "gridsearch"
 DRIVER = "postgresql+psycopg2"
 

@@ -10,11 +10,11 @@ import subprocess
 from pathlib import Path
 
 from gridsearch.core.errors import first_line
-from gridsearch.postgres.client import PASSWORD_ENV, PostgresError
+from gridsearch.core.secrets import without_secrets
+from gridsearch.postgres.client import PostgresError
 
 FALLBACK_OS_USER = "gridsearch-pg"
 # Variables that could carry a password into a child's /proc/<pid>/environ.
-SECRET_ENV = (PASSWORD_ENV, "PGPASSWORD")
 _USERADD_EXISTS = 9  # useradd's exit status when a concurrent starter created the user first
 
 
@@ -96,6 +96,6 @@ def as_user(user: str, argv: list[str]) -> list[str]:
 
 def child_env() -> dict[str, str]:
     """Environment for server processes: nothing secret may reach /proc/<pid>/environ."""
-    env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
+    env = without_secrets()
     env.setdefault("LC_ALL", "C")
     return env

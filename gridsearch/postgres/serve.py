@@ -1,6 +1,6 @@
 """A managed server as a long-running job (the body of the SLURM server job): start it listening on
 every interface under this node's hostname, create the sweep's databases, set the role's password
-from ULTRACK_DB_PW (exported by sbatch from the driver's environment, never on a command line), and
+from the pgpass file the driver wrote (never the job's environment, which slurmctld saves), and
 only after pg_isready write ``<job id> <host>:<port>`` to the ready file. Stop on SIGTERM (scancel).
 
 The driver's half of this (submit, wait for the ready file, cancel) is gridsearch.backends.slurm_server."""
@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from gridsearch.core.files import atomic_write
+from gridsearch.core.secrets import PASSWORD_ENV, read_pgpass
 from gridsearch.core.signals import stop_flag
 from gridsearch.postgres.managed import ManagedServer
 
@@ -34,12 +35,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ready", required=True)
     ap.add_argument("--dbs", default="")
     ap.add_argument("--workers", type=int, default=20)
+    ap.add_argument("--passfile", help="libpq pgpass file holding the role's password")
     a = ap.parse_args(argv)
+    if a.passfile:  # credentials() reads it from this process's environment, nobody else's
+        os.environ[PASSWORD_ENV] = read_pgpass(Path(a.passfile))
     with stop_flag() as stop:
         server = ManagedServer(a.root, listen_addresses="*", host=socket.gethostname(), workers=a.workers)
         server.start()
         try:
-            server.credentials()  # ULTRACK_DB_PW from the environment sbatch exported
+            server.credentials()
             for db in filter(None, a.dbs.split(",")):
                 server.create_database(db)
             job = os.environ.get("SLURM_JOB_ID", "0")

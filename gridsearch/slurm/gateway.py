@@ -13,14 +13,16 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import tenacity
 
-from gridsearch.core.errors import first_line
+from gridsearch.core.errors import Unavailable, first_line, ignore
 from gridsearch.core.files import atomic_write
+from gridsearch.core.secrets import without_secrets
 from gridsearch.core.waiting import wait_until
 from gridsearch.slurm.parse import (
     LIVE_STATES,
@@ -36,6 +38,9 @@ from gridsearch.slurm.parse import (
 )
 from gridsearch.slurm.paths import JobPaths
 from gridsearch.spec import ExecutorSpec, StageResources
+
+T = TypeVar("T")
+PATIENCE_S = 900.0  # how long a scheduler outage is waited out before the sweep stops
 
 DEFAULT_RESOURCES: dict[str, StageResources] = {
     "segment": StageResources(cpus=1, mem="8G", time="01:00:00"),
@@ -71,10 +76,11 @@ class ArrayRequest:
         return JobPaths(self.log_dir, self.script_dir)
 
 
-def _run(argv: Sequence[str], timeout: float = 60,
-         stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+def _run(argv: Sequence[str], timeout: float = 60, stdin: str | None = None,
+         env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     try:
-        return subprocess.run(list(argv), input=stdin, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(list(argv), input=stdin, capture_output=True, text=True, timeout=timeout,
+                              env=None if env is None else dict(env))
     except subprocess.TimeoutExpired:
         raise SlurmError(f"{argv[0]} did not answer in {timeout:.0f} s") from None
     except OSError as e:
@@ -117,10 +123,12 @@ def job_script(command: Sequence[str], setup: Sequence[str]) -> str:
     return "\n".join(["#!/bin/bash", "set -e", *setup, "exec " + shlex.join(command), ""])
 
 
-def _sbatch(argv: list[str], body: str, name: str) -> str:
-    """Never retried: an sbatch that timed out may have queued the job all the same."""
+def _sbatch(argv: list[str], body: str, name: str, env: Mapping[str, str]) -> str:
+    """Never retried: an sbatch that timed out may have queued the job all the same. The job's
+    environment (--export=ALL: slurmctld saves it) is ours minus every secret, plus ``env``
+    (PGPASSFILE: libpq's password file on the shared filesystem)."""
     try:
-        r = _run(argv, timeout=120, stdin=body)
+        r = _run(argv, timeout=120, stdin=body, env={**without_secrets(), **env})
     except SlurmError as e:
         raise SbatchError(f"sbatch for {name}: {e}") from None
     if r.returncode != 0:
@@ -128,21 +136,22 @@ def _sbatch(argv: list[str], body: str, name: str) -> str:
     return r.stdout.strip().split(";")[0]
 
 
-def submit_array(req: ArrayRequest, spec: ExecutorSpec) -> str:
+def submit_array(req: ArrayRequest, spec: ExecutorSpec, env: Mapping[str, str] | None = None) -> str:
     """Submit one stage array; returns its job id. The script is kept next to the logs."""
     paths = req.paths
     paths.logs.mkdir(parents=True, exist_ok=True)
     body = script(req, spec.setup)
-    job_id = _sbatch(sbatch_argv(req, spec), body, req.name)
+    job_id = _sbatch(sbatch_argv(req, spec), body, req.name, env or {})
     atomic_write(paths.script(req.stage, job_id), body)
     return job_id
 
 
-def submit_job(spec: ExecutorSpec, what: str, name: str, command: Sequence[str], paths: JobPaths) -> str:
+def submit_job(spec: ExecutorSpec, what: str, name: str, command: Sequence[str], paths: JobPaths,
+               env: Mapping[str, str] | None = None) -> str:
     """Submit a single job running `command` (the PostgreSQL server: what='server')."""
     paths.logs.mkdir(parents=True, exist_ok=True)
     body = job_script(command, spec.setup)
-    job_id = _sbatch(sbatch_options(name, what, spec, paths.job_output(what)), body, name)
+    job_id = _sbatch(sbatch_options(name, what, spec, paths.job_output(what)), body, name, env or {})
     atomic_write(paths.script(what, job_id), body)
     return job_id
 
@@ -173,6 +182,42 @@ def live_jobs(names: Sequence[str]) -> list[str]:
     r = _run(["squeue", "-h", "-n", ",".join(names), "-o", "%F|%T"])
     return sorted({job for job, _, state in (ln.strip().partition("|") for ln in r.stdout.splitlines())
                    if job and state in LIVE_STATES})
+
+
+def job_state_reason(job_id: str) -> tuple[str, str]:
+    """(state, reason) of one job; (UNKNOWN, "") once squeue no longer knows it."""
+    r = _run(["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T|%r"])
+    if r.returncode != 0 and "Invalid job id" not in r.stderr:
+        raise SlurmError(f"squeue failed: {first_line(r.stderr or r.stdout)}")
+    state, _, reason = (r.stdout.strip().splitlines() or [UNKNOWN])[0].partition("|")
+    return state, reason
+
+
+def queue_position(job_id: str) -> int | None:
+    """1 + how many pending jobs the scheduler ranks before this one (None: not pending)."""
+    r = _run(["squeue", "-h", "-t", "PENDING", "--sort=-p,i", "-o", "%i"])
+    ids = [line.strip() for line in r.stdout.splitlines()]
+    return ids.index(job_id) + 1 if job_id in ids else None
+
+
+def patiently(call: Callable[[], T], patience: float, notify: Callable[[str], None], what: str) -> T:
+    """Call until it stops raising SlurmError: a scheduler that times out or restarts is waited
+    out (backing off to 30 s, saying so), for `patience` seconds; then the sweep stops,
+    resumable. An outage is never a trial's failure."""
+
+    def tell(state: tenacity.RetryCallState) -> None:
+        if state.outcome is not None and state.attempt_number in (1, 5, 20, 50):
+            notify(f"{what}: {state.outcome.exception()}; waiting for the scheduler "
+                   f"({state.seconds_since_start:.0f} s of {patience:.0f} s)")
+
+    try:
+        return tenacity.Retrying(retry=tenacity.retry_if_exception_type(SlurmError),
+                                 stop=tenacity.stop_after_delay(patience),
+                                 wait=tenacity.wait_exponential(multiplier=1, max=30),
+                                 before_sleep=tell, reraise=True)(call)
+    except SlurmError as e:
+        raise Unavailable(f"{what}: the scheduler did not answer for {patience:.0f} s ({e}); the sweep "
+                          "stopped and its jobs stay queued: run the same command again to resume") from None
 
 
 def job_state(job_id: str) -> str:
@@ -206,18 +251,21 @@ class Poller:
     """One squeue (+ one sacct) per poll for a set of job names; sleeps adaptively between polls:
     short right after a change, growing to `max_s` while nothing moves."""
 
-    def __init__(self, names: Sequence[str], max_s: float = 2.0, min_s: float = 0.25) -> None:
+    def __init__(self, names: Sequence[str], max_s: float = 2.0, min_s: float = 0.25,
+                 notify: Callable[[str], None] = ignore) -> None:
         self.names = list(names)
+        self.notify = notify
         self.max_s, self.min_s = max(max_s, min_s), min_s
         self.interval = min_s
         self.accounting: bool | None = None  # decided at the first sacct attempt
         self.calls = 0
         self.last: dict[Key, TaskState] = {}
 
-    @tenacity.retry(retry=tenacity.retry_if_exception_type(SlurmError), stop=tenacity.stop_after_attempt(3),
-                    wait=tenacity.wait_fixed(2), reraise=True)
     def squeue(self) -> dict[Key, TaskState]:
-        """Retried: a busy slurmctld times out now and then."""
+        """Waited out (see `patiently`): a busy slurmctld times out now and then."""
+        return patiently(self._squeue, PATIENCE_S, self.notify, "squeue")
+
+    def _squeue(self) -> dict[Key, TaskState]:
         self.calls += 1
         r = _run(["squeue", "-h", "-t", "all", "-n", ",".join(self.names), "-o", SQUEUE_FORMAT])
         if r.returncode != 0:
