@@ -326,6 +326,38 @@ def test_cancel_needs_no_password_on_a_login_node(
     assert not (ws / "postgres" / "data").exists()
 
 
+@cluster
+def test_reattach_refuses_arrays_whose_task_indices_meant_other_frames(
+    open_tmp: Path, short_movie: dict[str, Path]
+) -> None:
+    """Arrays a killed driver submitted with frames_per_batch 1, a new driver with 2: queued tasks
+    would read the trial's rewritten config.toml with their old indices and skip frames."""
+    from gridsearch.backends.base import Backend
+    from gridsearch.executors.base import ExecutorContext
+    from gridsearch.executors.slurm import SlurmExecutor
+    from gridsearch.ledger import Ledger
+    from gridsearch.stages import Stage
+    from gridsearch.workspace import Workspace
+
+    def executor(frames: int) -> tuple[SlurmExecutor, Ledger]:
+        extra = SLURM.replace("poll_seconds: 1}", f"poll_seconds: 1, frames_per_batch: {frames}}}")
+        sweep = load(write_spec(open_tmp, short_movie, name="slframes", grid=ONE, extra=extra))
+        ws = Workspace(sweep.workdir)
+        ws.root.mkdir(parents=True, exist_ok=True)
+        ledger = Ledger(f"sqlite:///{ws.state_db}", sweep.name)
+        return SlurmExecutor(ExecutorContext(sweep, ws, Backend(ws, ledger.url), ledger)), ledger
+
+    old, ledger = executor(1)
+    for stage, run in ((Stage.SEGMENT, 11), (Stage.LINK, 12)):
+        old.store.add("k", stage.label, 0, f"99999{run}", "0-3", 0, 0, run, frames_per_batch=1)
+    assert old.reattach("k", Stage.SEGMENT) == {Stage.SEGMENT: 11, Stage.LINK: 12}  # same n: adopted
+    ledger.close()
+    new, ledger = executor(2)
+    assert new.reattach("k", Stage.SEGMENT) == {}
+    assert {r.state for r in new.store.rows()} == {"closed"}
+    ledger.close()
+
+
 FLAKY_SQUEUE = """#!/bin/bash
 # squeue while slurmctld is overloaded: it times out as long as the flag file exists
 if [ -e {flag} ]; then
