@@ -93,18 +93,27 @@ class SlurmExecutor(Executor):
     def _watch(self, key: str, chain: Chain, jobs: dict[Stage, StageJob], events: Events) -> None:
         """Until the chain is finished: poll, read acknowledgements, carry out the decision."""
         while True:
-            if self.ctx.ws.cancel_request.exists() or self.store.cancelled(chain.row_ids()):
-                raise SweepCancelled("the sweep's jobs were cancelled (gridsearch cancel)")
             # the scheduler first, then the acknowledgements: a task finishing in between is seen
             # acknowledged, never COMPLETED without its acknowledgement
             states = self.poller.poll(chain.tasks())
             acked = self.ctx.ledger.acked(chain.run_ids())
+            # after the poll: `cancel` writes its request before scancel, so tasks seen cancelled by
+            # it are never mistaken for failures to resubmit
+            self._stop_if_cancelled(chain)
             decision = chain.decide(states, acked)
             _report(decision.reports, events)
             if decision.finished:
                 return
             self._carry_out(key, chain, decision, jobs)
+            if decision.submit:  # submitted in the instant a cancel ran: withdrawn too
+                self._stop_if_cancelled(chain, withdraw=True)
             self.poller.sleep()
+
+    def _stop_if_cancelled(self, chain: Chain, withdraw: bool = False) -> None:
+        if self.ctx.ws.cancel_request.exists() or self.store.cancelled(chain.row_ids()):
+            if withdraw:
+                self._withdraw_arrays(a for step in chain.steps for a in step.arrays)
+            raise SweepCancelled("the sweep's jobs were cancelled (gridsearch cancel)")
 
     def _carry_out(self, key: str, chain: Chain, decision: Decision, jobs: dict[Stage, StageJob]) -> None:
         self._withdraw_arrays(decision.drop)
