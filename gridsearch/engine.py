@@ -24,6 +24,7 @@ from gridsearch.runtime import fd_redirect
 from gridsearch.spec import SpecError, Sweep, Trial
 from gridsearch.stages import Stage, earliest_changed_stage, stage_phases
 from gridsearch.ultrackdb import UltrackDB
+from gridsearch.validate import check_writable
 from gridsearch.workspace import Workspace
 
 MAIN_DB = "main"
@@ -115,6 +116,7 @@ def plan_for(sweep: Sweep, ledger: Ledger | None) -> Plan:
 def run_sweep(sweep: Sweep, *, restart: bool = False, reporter: Reporter | None = None) -> Outcome:
     rep = reporter or Silent()
     ws = Workspace(sweep.workdir)
+    check_writable(sweep.workdir, sweep.path)
     t0 = time.perf_counter()
     with terminate_as_exit(), ws.lock():
         if restart and (dest := archive(ws)):
