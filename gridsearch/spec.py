@@ -39,7 +39,7 @@ SWEEPABLE = tuple(SECTION_OF.values())
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # poll_seconds: .inf waits forever
 
 
 class DataSpec(_Strict):

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from gridsearch.cli import main
 from gridsearch.spec import StageResources
+from gridsearch.validate import batch_problem
 
 BASE = "config:\n  segmentation: {max_area: 1000}\n"
 Edit = Callable[[Path, Path, dict[str, Path]], None]  # (tmp dir, spec file, movie) -> None
@@ -113,6 +114,7 @@ VALUES = {
     "SEG without SEG ground truth": Bad("SEG", extra="objective: SEG\n", edit=_with_gt(lambda gt: None)),
     "workdir under a file": Bad("workdir", edit=_workdir(_under_a_file)),
     "workdir is a file": Bad("workdir", edit=_workdir(_is_a_file)),
+    "infinite poll": Bad("executor.poll_seconds", extra="executor: {kind: local, poll_seconds: .inf}\n"),
     "slurm mem": Bad("executor.stages.segment.mem", extra=SLURM + "{segment: {mem: 8 gigs}}}\n"),
     "slurm time": Bad("executor.stages.solve.time", extra=SLURM + "{solve: {time: 1 hour}}}\n"),
 }
@@ -240,6 +242,14 @@ def test_slurm_time_formats_sbatch_takes(value: str) -> None:
 def test_slurm_resources_sbatch_would_refuse(field: str, value: object) -> None:
     with pytest.raises(ValidationError, match=f"sbatch --{field}|quote it"):
         StageResources.model_validate({field: value})
+
+
+def test_a_stage_without_batches_is_refused_whatever_the_cause() -> None:
+    """The last guard behind the value rules: stage_phases itself, for each trial."""
+    tracking = {"window_size": -5}
+    assert batch_problem({"tracking": tracking}, 10, 1) == (
+        "tracking: the solve stage would have no batch for 10 frames (frames_per_batch 1, window_size -5)")
+    assert batch_problem({"tracking": {"window_size": 4}}, 10, 1) is None
 
 
 @pytest.fixture
