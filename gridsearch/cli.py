@@ -232,7 +232,7 @@ def best(spec: str, output: str | None, objective: str | None) -> None:
 
     sw = _load(spec)
     df = views.results_table(sw)
-    obj = objective or sw.objective
+    obj = views.objective_column(df, sw, objective)
     try:
         row = best_trial(df, obj)
         text = best_config_toml(row)
@@ -258,7 +258,11 @@ def plot(spec: str, out_dir: str, objective: str | None) -> None:
     sw = _load(spec)
     with views.ledger_of(sw) as led:
         df = res.table(sw, led)
-        files = plot_all(df, led.study, sw.grid_keys, objective or sw.objective, Path(out_dir))
+        obj = views.objective_column(df, sw, objective)
+        try:
+            files = plot_all(df, led.study, sw.grid_keys, obj, Path(out_dir))
+        except ValueError as e:  # no trial has the objective yet
+            fail(str(e), EXIT_FAILED)
     for f in files:
         click.echo(str(f))
 

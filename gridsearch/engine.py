@@ -20,10 +20,11 @@ from gridsearch.executors.base import Executor, ExecutorContext, StageFailed, St
 from gridsearch.ledger import Ledger
 from gridsearch.planner import Plan, PlannedTrial, make_plan
 from gridsearch.progress import Reporter, Silent
-from gridsearch.runtime import fd_redirect
+from gridsearch.runtime import fd_redirect, resolved_solver
 from gridsearch.spec import SpecError, Sweep, Trial
 from gridsearch.stages import Stage, earliest_changed_stage, stage_phases
 from gridsearch.ultrackdb import UltrackDB
+from gridsearch.validate import check_writable
 from gridsearch.workspace import Workspace
 
 MAIN_DB = "main"
@@ -115,6 +116,7 @@ def plan_for(sweep: Sweep, ledger: Ledger | None) -> Plan:
 def run_sweep(sweep: Sweep, *, restart: bool = False, reporter: Reporter | None = None) -> Outcome:
     rep = reporter or Silent()
     ws = Workspace(sweep.workdir)
+    check_writable(sweep.workdir, sweep.path)
     t0 = time.perf_counter()
     with terminate_as_exit(), ws.lock():
         if restart and (dest := archive(ws)):
@@ -212,6 +214,15 @@ class _Driver:
         self._record(trial, number, figures, metrics, config_path, tdir)
         return True
 
+    def _solver(self, trial: Trial) -> str:
+        """What the trial's solve ran with, as resolved on this host (a SLURM node may differ).
+        Only a Gurobi probe can print (its licence banner): only then is the output redirected."""
+        name = trial.sections["tracking"].get("solver_name") or ""
+        if name.upper() == "CBC":
+            return "CBC"
+        with fd_redirect(self.ws.logs / "ultrack.log"):
+            return resolved_solver(name)
+
     def _record(self, trial: Trial, number: int, figures: dict[str, float], metrics: dict[str, float],
                 config_path: Path, tdir: Path) -> None:
         walls = self.ledger.stage_wall(trial.key)
@@ -222,6 +233,7 @@ class _Driver:
             "config": str(config_path),
             "tracks_csv": str(tdir / "tracks.csv"),
             "host": os.uname().nodename,
+            "solver": self._solver(trial),
             **self.provenance,
         }
         value = {**figures, **metrics}.get(self.sweep.objective, float("nan"))

@@ -307,10 +307,10 @@ def plot_all(
 
     from gridsearch.best import best_trial
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     if objective not in df.columns:
         raise ValueError(f"no column {objective!r} in the results table: nothing to plot")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     keys = [k for k in grid_keys if k in df.columns]
     try:
         best_key: str | None = str(best_trial(df, objective)["trial"])

@@ -149,6 +149,7 @@ def table(sweep: Sweep, ledger: Ledger) -> pd.DataFrame:
         row["tracks_csv"] = attrs.get("tracks_csv")
         row["started"] = rec.started if rec else None
         row["finished"] = rec.finished if rec else None
+        row["solver"] = attrs.get("solver")
         row["ultrack"] = attrs.get("ultrack")
         row["gridsearch"] = attrs.get("gridsearch")
         rows.append(row)

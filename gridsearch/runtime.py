@@ -115,3 +115,22 @@ def _run(stage: Stage, config_path: str | Path, batch: int | None, foreground: s
         ultrack.link(cfg, batch_index=batch)
     else:
         ultrack.solve(cfg, batch_index=batch)
+
+
+@lru_cache(maxsize=4)
+def resolved_solver(name: str) -> str:
+    """The solver ultrack's solve uses for `tracking.solver_name`, decided as ultrack decides it
+    (MIPSolver.reset): python-mip's Model(solver_name=name), CBC when that raises InterfacingError.
+    "" and "GUROBI" both end on CBC without a Gurobi library and licence. Creating the model costs
+    about a second (Gurobi's licence check), once per process; its banner goes wherever fd 1 goes."""
+    if name.upper() == "CBC":
+        return "CBC"
+    import mip
+
+    try:
+        model = mip.Model(sense=mip.MAXIMIZE, solver_name=name)
+    except mip.exceptions.InterfacingError:
+        return "CBC"
+    except Exception:  # ultrack does not catch these: its solve failed the same way
+        return name
+    return "GUROBI" if model.solver_name.upper() in ("GRB", "GUROBI") else model.solver_name.upper()

@@ -14,13 +14,21 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from gridsearch.core.errors import BadInput
+from gridsearch.inputs import array_identity, check_ground_truth, open_array
 from gridsearch.stages import (
     EXECUTION_KEYS,
     SECTION_OF,
     Stage,
     canonical_json,
     fingerprints,
+)
+from gridsearch.validate import (
+    SpecError,
+    batch_problem,
+    sbatch_mem,
+    sbatch_time,
+    section_problem,
+    workdir_problem,
 )
 
 MAX_TRIALS = 10_000
@@ -30,12 +38,8 @@ SUMMARY_FIGURES = ("selected_nodes", "tracks", "divisions", "mean_track_length")
 SWEEPABLE = tuple(SECTION_OF.values())
 
 
-class SpecError(BadInput):
-    """Bad input: the message is one line naming what, where and why."""
-
-
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # poll_seconds: .inf waits forever
 
 
 class DataSpec(_Strict):
@@ -56,9 +60,21 @@ class DatabaseSpec(_Strict):
 
 
 class StageResources(_Strict):
+    """Checked here, not by sbatch: a format sbatch refuses would fail a sweep half-way through."""
+
     cpus: int = Field(1, ge=1)
     mem: str = "8G"
     time: str = "01:00:00"
+
+    @field_validator("mem", mode="before")
+    @classmethod
+    def _mem(cls, v: Any) -> str:
+        return sbatch_mem(v)
+
+    @field_validator("time", mode="before")
+    @classmethod
+    def _time(cls, v: Any) -> str:
+        return sbatch_time(v)
 
 
 class ExecutorSpec(_Strict):
@@ -165,17 +181,34 @@ class Sweep:
         return "TRA" if self.file.data.ground_truth else "mean_track_length"
 
 
+def _is_tag(part: Any) -> bool:
+    """pydantic names the branch of a union in an error's location: `literal['local','slurm']`."""
+    return isinstance(part, str) and ("[" in part or part in ("DatabaseSpec", "ExecutorSpec"))
+
+
 def _where(loc: tuple[Any, ...]) -> str:
-    return ".".join(str(p) for p in loc) or "<top>"
+    return ".".join(str(p) for p in loc if not _is_tag(p)) or "<top>"
+
+
+def _first_error(err: ValidationError) -> tuple[dict[str, Any], int]:
+    """The error to show and how many others. A union field (`executor: slurm` or a mapping)
+    fails once per branch: the deepest error is in the branch the input was written for."""
+    errors: list[Any] = err.errors()
+    first = errors[0]
+    if len(first["loc"]) > 1 and _is_tag(first["loc"][1]):
+        field = first["loc"][:1]
+        first = max((e for e in errors if e["loc"][:1] == field), key=lambda e: len(e["loc"]))
+        return first, sum(1 for e in errors if e["loc"][:1] != field)
+    return first, len(errors) - 1
 
 
 def _pydantic_line(prefix: str, err: ValidationError) -> str:
-    first = err.errors()[0]
+    first, others = _first_error(err)
     loc = _where(first["loc"])
-    msg = first["msg"]
+    msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
-    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    more = f" (and {others} more)" if others else ""
     return f"{prefix}{loc}: {msg}{more}"
 
 
@@ -201,30 +234,6 @@ def _resolve(base: Path, p: Path) -> Path:
     return p if p.is_absolute() else (base / p)
 
 
-def _array_identity(path: Path, label: str, spec_path: Path) -> tuple[str, tuple[int, ...]]:
-    """Cheap identity of an input array: shape, dtype and the size+mtime of every stored file.
-
-    Hashing the content of a large movie would cost minutes; a rewrite changes mtimes."""
-    if not path.exists():
-        raise SpecError(f"{spec_path}: data.{label}: {path} does not exist")
-    try:
-        import zarr
-
-        arr = zarr.open(str(path), mode="r")
-        shape, dtype = tuple(int(s) for s in arr.shape), str(arr.dtype)
-    except Exception as e:  # zarr raises many kinds for a bad store
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise SpecError(f"{spec_path}: data.{label}: {path} is not a readable zarr array: {reason}") from None
-    if len(shape) not in (3, 4):
-        raise SpecError(f"{spec_path}: data.{label}: expected T x (Z) x Y x X, got shape {shape}")
-    h = hashlib.sha256(canonical_json([str(path.resolve()), shape, dtype]).encode())
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for f in files:
-        st = f.stat()
-        h.update(f"{f.relative_to(path) if f != path else f.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-    return h.hexdigest(), shape
-
-
 def _load_base_config(cfg: Path | dict[str, Any], base: Path, spec_path: Path) -> dict[str, Any]:
     if isinstance(cfg, dict):
         return dict(cfg)
@@ -246,6 +255,10 @@ def _validate_sections(raw: dict[str, Any], where: str) -> dict[str, dict[str, A
         cfg = MainConfig.model_validate({**raw, "data": None})
     except ValidationError as e:
         raise SpecError(_pydantic_line(where, e)) from None
+    python = cfg.model_dump(by_alias=True)  # not JSON mode: that turns NaN into null
+    problem = section_problem({s: python[s] for s in SWEEPABLE})
+    if problem:
+        raise SpecError(f"{where}{problem}")
     dumped = cfg.model_dump(by_alias=True, mode="json")
     return {s: dumped[s] for s in SWEEPABLE}
 
@@ -303,29 +316,34 @@ def _check_options(sf: SweepFile, spec_path: Path) -> None:
 
 
 def _resolve_data(sf: SweepFile, base: Path, spec_path: Path) -> tuple[str, tuple[int, ...]]:
-    """Resolve the input paths; return the data's identity and the movie's shape."""
+    """Resolve the paths and check them against each other (workdir, movie, ground truth); return
+    the data's identity and the movie's shape."""
     sf.workdir = _resolve(base, sf.workdir)
+    problem = workdir_problem(sf.workdir)
+    if problem:
+        raise SpecError(f"{spec_path}: workdir: {problem}")
     sf.data.foreground = _resolve(base, sf.data.foreground)
     sf.data.contours = _resolve(base, sf.data.contours)
-    if sf.data.ground_truth is not None:
-        sf.data.ground_truth = _resolve(base, sf.data.ground_truth)
-        tra = sf.data.ground_truth / "TRA" / "man_track.txt"
-        if not tra.is_file():
-            raise SpecError(f"{spec_path}: data.ground_truth: {tra} not found (expected a CTC TRA folder)")
-    fg_id, fg_shape = _array_identity(sf.data.foreground, "foreground", spec_path)
-    ct_id, ct_shape = _array_identity(sf.data.contours, "contours", spec_path)
+    fg, fg_shape = open_array(sf.data.foreground, "foreground", spec_path)
+    ct, ct_shape = open_array(sf.data.contours, "contours", spec_path)
     if fg_shape != ct_shape:
         raise SpecError(
             f"{spec_path}: data: foreground {fg_shape} and contours {ct_shape} must have the same shape"
         )
     if fg_shape[0] < 2:
         raise SpecError(f"{spec_path}: data.foreground: {fg_shape[0]} frame(s); tracking needs at least 2")
+    if sf.data.ground_truth is not None:
+        sf.data.ground_truth = _resolve(base, sf.data.ground_truth)
+        check_ground_truth(sf.data.ground_truth, fg_shape, sf.objective, spec_path)
+    fg_id = array_identity(sf.data.foreground, fg)
+    ct_id = array_identity(sf.data.contours, ct)
     return hashlib.sha256(f"{fg_id}:{ct_id}".encode()).hexdigest(), fg_shape
 
 
 def _expand(grid: dict[str, list[Any]], base_raw: dict[str, Any], data_identity: str,
-            spec_path: Path) -> list[Trial]:
-    """The cartesian product, each trial validated by ultrack's models; no two alike."""
+            spec_path: Path, batching: tuple[int, int]) -> list[Trial]:
+    """The cartesian product, each trial validated by ultrack's models and by ours, every stage
+    with at least one batch for `batching` (frames, frames per batch); no two alike."""
     keys = list(grid)
     trials: list[Trial] = []
     for number, combo in enumerate(itertools.product(*(grid[k] for k in keys))):
@@ -336,6 +354,9 @@ def _expand(grid: dict[str, list[Any]], base_raw: dict[str, Any], data_identity:
             raw_sections[section][name] = value
         where = f"{spec_path}: grid ({', '.join(f'{k}={v}' for k, v in params.items())}): "
         sections = _validate_sections(raw_sections, where)
+        problem = batch_problem(sections, *batching)
+        if problem:
+            raise SpecError(f"{where}{problem}")
         trials.append(Trial(number, params, sections, fingerprints(sections, data_identity)))
     assert math.prod(len(v) for v in grid.values()) == len(trials)
     seen: dict[str, Trial] = {}
@@ -366,5 +387,7 @@ def load(path: str | Path) -> Sweep:
         raise SpecError(f"{spec_path}: config.{sorted(unknown)[0]}: unknown ultrack config section")
     base_raw.pop("data", None)  # gridsearch owns [data]: where each database lives
     base_sections = _validate_sections(base_raw, f"{spec_path}: config.")
-    trials = _expand(sf.grid, base_raw, data_identity, spec_path)
-    return Sweep(spec_path, sf, base_sections, data_identity, trials, shape)
+    sweep = Sweep(spec_path, sf, base_sections, data_identity, [], shape)
+    batching = (shape[0], sweep.executor.frames_per_batch)
+    sweep.trials = _expand(sf.grid, base_raw, data_identity, spec_path, batching)
+    return sweep

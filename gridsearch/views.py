@@ -10,7 +10,7 @@ from typing import Any
 import pandas as pd
 from rich.table import Table
 
-from gridsearch import results
+from gridsearch import metrics, results
 from gridsearch.core.errors import BadInput, GridsearchError
 from gridsearch.engine import existing_ledger
 from gridsearch.ledger import Ledger
@@ -19,7 +19,7 @@ from gridsearch.stages import Stage
 from gridsearch.workspace import Workspace
 
 # Columns left out of the on-screen table (all of them are in `results -o FILE`).
-_OFF_SCREEN = {"number", "config", "tracks_csv", "started", "finished", "ultrack", "gridsearch",
+_OFF_SCREEN = {"number", "config", "tracks_csv", "started", "finished", "solver", "ultrack", "gridsearch",
                "optuna_trial", "error", "Valid", "appearances", "disappearances"}
 
 
@@ -58,10 +58,26 @@ def status(sweep: Sweep) -> dict[str, Any]:
             "stage_runs": runs, "running": running if holder else []}
 
 
+def _no_such_column(option: str, name: str, df: pd.DataFrame) -> BadInput:
+    return BadInput(f"{option} {name}: no such column; columns are: {', '.join(df.columns)}")
+
+
+def objective_column(df: pd.DataFrame, sweep: Sweep, objective: str | None) -> str:
+    """What `best` and `plot` rank by. A --objective the table can never hold is bad input; a
+    figure or metric no trial has produced yet is left to the caller ("nothing completed yet")."""
+    if objective is None or objective in df.columns:
+        return objective or sweep.objective
+    gt = sweep.file.data.ground_truth
+    scored = [*metrics.available_metrics(gt), *metrics.AOGM_KEYS, "Valid"] if gt else []
+    if objective not in [*results.FIGURES, *scored]:
+        raise _no_such_column("--objective", objective, df)
+    return objective
+
+
 def sorted_rows(df: pd.DataFrame, sweep: Sweep, sort_by: str | None, top: int | None) -> pd.DataFrame:
     if sort_by:
         if sort_by not in df.columns:
-            raise BadInput(f"--sort {sort_by}: no such column; columns are: {', '.join(df.columns)}")
+            raise _no_such_column("--sort", sort_by, df)
         df = df.sort_values(sort_by, ascending=sort_by not in ("objective", sweep.objective),
                             na_position="last")
     return df.head(top) if top else df

@@ -2,18 +2,129 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 import zarr
 from click.testing import CliRunner
 from helpers import EXAMPLE_GRID, write_spec
+from pydantic import ValidationError
 
 from gridsearch.cli import main
+from gridsearch.spec import StageResources
+from gridsearch.validate import batch_problem
+
+BASE = "config:\n  segmentation: {max_area: 1000}\n"
+Edit = Callable[[Path, Path, dict[str, Path]], None]  # (tmp dir, spec file, movie) -> None
+
+
+@dataclass(frozen=True)
+class Bad:
+    """A value that gets past the models today: `where` must appear in the one line."""
+
+    where: str
+    grid: str = EXAMPLE_GRID
+    base: str = BASE
+    extra: str = ""
+    edit: Edit | None = None
+
+    def write(self, tmp: Path, movie: dict[str, Path]) -> Path:
+        spec = write_spec(tmp, movie, name="bad", grid=self.grid, extra=self.extra, base=self.base)
+        if self.edit:
+            self.edit(tmp, spec, movie)
+        return spec
+
+
+def _with_gt(change: Callable[[Path], None]) -> Edit:
+    """A copy of the movie's ground truth, changed, named in the spec as data.ground_truth."""
+
+    def edit(tmp: Path, spec: Path, movie: dict[str, Path]) -> None:
+        gt = tmp / "gt"
+        shutil.copytree(movie["gt"], gt)
+        change(gt)
+        text = spec.read_text()
+        spec.write_text(text.replace("\nconfig:", f"\n  ground_truth: {gt}\nconfig:", 1))
+    return edit
+
+
+def _drop_last_frame(gt: Path) -> None:
+    sorted(gt.glob("TRA/man_track*.tif"))[-1].unlink()
+
+
+def _shrink_frames(gt: Path) -> None:
+    for f in gt.glob("TRA/man_track*.tif"):
+        tifffile.imwrite(f, tifffile.imread(f)[:64, :64])
+
+
+def _workdir(make: Callable[[Path], Path]) -> Edit:
+    """The spec's workdir replaced by make(tmp)."""
+
+    def edit(tmp: Path, spec: Path, movie: dict[str, Path]) -> None:
+        spec.write_text(spec.read_text().replace("workdir: runs/bad", f"workdir: {make(tmp)}"))
+    return edit
+
+
+def _under_a_file(tmp: Path) -> Path:
+    (tmp / "afile").write_text("")
+    return tmp / "afile" / "runs" / "bad"
+
+
+def _is_a_file(tmp: Path) -> Path:
+    (tmp / "notadir").write_text("")
+    return tmp / "notadir"
+
+
+def _grid(*lines: str) -> str:
+    return "grid:\n" + "".join(f"  {line}\n" for line in lines)
+
+
+def _base(**sections: str) -> str:
+    return "config:\n" + "".join(f"  {k}: {{{v}}}\n" for k, v in sections.items())
+
+
+SLURM = "database: {kind: postgresql, managed: true}\nexecutor: {kind: slurm, partition: p, stages: "
+VALUES = {
+    "nan in grid": Bad("threshold=nan", grid=_grid("segmentation.threshold: [0.5, .nan]")),
+    "inf in base config": Bad("config.linking.max_distance", base=_base(linking="max_distance: .inf")),
+    "-inf in grid": Bad("appear_weight", grid=_grid("tracking.appear_weight: [-0.1, -.inf]")),
+    "nan weight guess": Bad("include_weight_guess", grid=_grid("tracking.include_weight_guess: [.nan]")),
+    "negative window": Bad("window_size=-5", grid=_grid("tracking.window_size: [4, -5]")),
+    "zero window": Bad("config.tracking.window_size", base=_base(tracking="window_size: 0")),
+    "negative overlap": Bad("overlap_size=-1", grid=_grid("tracking.window_size: [4]",
+                                                          "tracking.overlap_size: [1, -1]")),
+    "overlap not below window": Bad("overlap_size=2", grid=_grid("tracking.window_size: [2, 3]",
+                                                                 "tracking.overlap_size: [1, 2]")),
+    "no neighbours": Bad("max_neighbors", grid=_grid("linking.max_neighbors: [5, 0]")),
+    "zero max_distance": Bad("max_distance=0", grid=_grid("linking.max_distance: [6.0, 0]")),
+    "negative min_area": Bad("min_area=-5", grid=_grid("segmentation.min_area: [30, -5]")),
+    "zero max_area": Bad("max_area", base=_base(segmentation="min_area: 0, max_area: 0")),
+    "zero min_area_factor": Bad("min_area_factor", grid=_grid("segmentation.min_area_factor: [4.0, 0]")),
+    "zero time_limit": Bad("time_limit", base=_base(tracking="time_limit: 0")),
+    "negative solution_gap": Bad("solution_gap", grid=_grid("tracking.solution_gap: [-0.1]")),
+    "negative border": Bad("image_border_size", base=_base(tracking="image_border_size: [-1, 5]")),
+    "n_threads below -1": Bad("n_threads", base=_base(tracking="n_threads: -2")),
+    "ground truth short of frames": Bad("9 TRA/man_track", edit=_with_gt(_drop_last_frame)),
+    "ground truth of another shape": Bad("(64, 64)", edit=_with_gt(_shrink_frames)),
+    "SEG without SEG ground truth": Bad("SEG", extra="objective: SEG\n", edit=_with_gt(lambda gt: None)),
+    "workdir under a file": Bad("workdir", edit=_workdir(_under_a_file)),
+    "workdir is a file": Bad("workdir", edit=_workdir(_is_a_file)),
+    "infinite poll": Bad("executor.poll_seconds", extra="executor: {kind: local, poll_seconds: .inf}\n"),
+    "slurm mem": Bad("executor.stages.segment.mem", extra=SLURM + "{segment: {mem: 8 gigs}}}\n"),
+    "slurm time": Bad("executor.stages.solve.time", extra=SLURM + "{solve: {time: 1 hour}}}\n"),
+}
 
 
 def _case(tmp: Path, movie: dict[str, Path], case: str) -> Path:
+    return VALUES[case].write(tmp, movie) if case in VALUES else _named_case(tmp, movie, case)
+
+
+def _named_case(tmp: Path, movie: dict[str, Path], case: str) -> Path:
     grid, extra, base = EXAMPLE_GRID, "", "config:\n  segmentation: {max_area: 1000}\n"
     m = dict(movie)
     if case == "unknown top-level key":
@@ -75,7 +186,7 @@ CASES = ["unknown top-level key", "missing data", "unreadable array", "shape mis
          "absurd grid", "unsweepable key", "execution key", "unknown ultrack key",
          "min_area above max_area", "bad literal", "bad type", "duplicate values", "bad base config",
          "missing base config file", "bad name", "sqlite with workers", "invalid yaml",
-         "objective without ground truth", "unknown objective"]
+         "objective without ground truth", "unknown objective", *VALUES]
 
 WHERE = {"unknown top-level key": "colour", "missing data": "data.foreground",
          "unreadable array": "data.contours", "shape mismatch": "shape", "empty list": "min_area",
@@ -85,7 +196,8 @@ WHERE = {"unknown top-level key": "colour", "missing data": "data.foreground",
          "bad type": "max_distance", "duplicate values": "duplicate", "bad base config": "max_areaa",
          "missing base config file": "nothere.toml", "bad name": "name",
          "sqlite with workers": "workers", "invalid yaml": "bad.yaml:",
-         "objective without ground truth": "need data.ground_truth", "unknown objective": "accuracy"}
+         "objective without ground truth": "need data.ground_truth", "unknown objective": "accuracy",
+         **{case: bad.where for case, bad in VALUES.items()}}
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -110,3 +222,73 @@ def test_missing_spec_file(tmp_path: Path) -> None:
     r = CliRunner().invoke(main, ["sweep", str(tmp_path / "none.yaml")])
     assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("value", ["16G", "16g", "8000", 8000, "512M", "1T", "100K", "0"])
+def test_slurm_mem_formats_sbatch_takes(value: object) -> None:
+    assert StageResources.model_validate({"mem": value}).mem == str(value)
+
+
+@pytest.mark.parametrize("value", ["30", "30:00", "01:00:00", "2-0", "2-12:30", "2-00:00:00", "UNLIMITED"])
+def test_slurm_time_formats_sbatch_takes(value: str) -> None:
+    assert StageResources.model_validate({"time": value}).time == value
+
+
+@pytest.mark.parametrize("field, value", [
+    ("mem", "8 gigs"), ("mem", "8GB"), ("mem", "-1G"), ("mem", "1.5G"), ("mem", ""),
+    ("time", "1 hour"), ("time", "1:2:3:4"), ("time", "2-"), ("time", "-5"), ("time", 3600),
+    ("time", "1h"),
+])
+def test_slurm_resources_sbatch_would_refuse(field: str, value: object) -> None:
+    with pytest.raises(ValidationError, match=f"sbatch --{field}|quote it"):
+        StageResources.model_validate({field: value})
+
+
+def test_a_stage_without_batches_is_refused_whatever_the_cause() -> None:
+    """The last guard behind the value rules: stage_phases itself, for each trial."""
+    tracking = {"window_size": -5}
+    assert batch_problem({"tracking": tracking}, 10, 1) == (
+        "tracking: the solve stage would have no batch for 10 frames (frames_per_batch 1, window_size -5)")
+    assert batch_problem({"tracking": {"window_size": 4}}, 10, 1) is None
+
+
+@pytest.fixture
+def read_only(small_disk: Callable[[str], Path]) -> Callable[[Callable[[Path], None]], Path]:
+    """fill(dir) runs on a fresh tmpfs that is then remounted read-only: unwritable even for root,
+    which passes every permission check a chmod 0555 would make."""
+
+    def make(fill: Callable[[Path], None]) -> Path:
+        mnt = small_disk("1m")
+        fill(mnt)
+        r = subprocess.run(["mount", "-o", "remount,ro", str(mnt)], capture_output=True, text=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot remount a tmpfs read-only here: {r.stderr.strip()}")
+        return mnt
+    return make
+
+
+@pytest.mark.parametrize("command", ["sweep", "plan"])
+def test_workdir_on_a_read_only_filesystem_cannot_be_created(
+    tmp_path: Path, movie: dict[str, Path], read_only: Callable[[Callable[[Path], None]], Path],
+    command: str,
+) -> None:
+    mnt = read_only(lambda d: (d / "sweeps").mkdir())
+    spec = Bad("", edit=_workdir(lambda _: mnt / "sweeps" / "bad")).write(tmp_path, movie)
+    r = CliRunner().invoke(main, [command, str(spec)])
+    assert r.exit_code == 2, (r.output, r.exception)
+    assert r.stderr.strip().splitlines() == [
+        f"error: {spec}: workdir: cannot create {mnt}/sweeps/bad: {mnt}/sweeps is not writable"]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_existing_read_only_workdir_refuses_a_sweep_but_not_a_view(
+    tmp_path: Path, movie: dict[str, Path], read_only: Callable[[Callable[[Path], None]], Path],
+) -> None:
+    mnt = read_only(lambda d: (d / "bad").mkdir())
+    spec = Bad("", edit=_workdir(lambda _: mnt / "bad")).write(tmp_path, movie)
+    r = CliRunner().invoke(main, ["sweep", str(spec)])
+    assert r.exit_code == 2, (r.output, r.exception)
+    assert r.stderr.strip().splitlines() == [f"error: {spec}: workdir: {mnt}/bad is not writable"]
+    assert list((mnt / "bad").iterdir()) == []
+    r = CliRunner().invoke(main, ["plan", str(spec)])
+    assert r.exit_code == 0, (r.output, r.exception)

@@ -293,3 +293,44 @@ def test_cli_best_plot_results(swept: Swept, tmp_path: Path) -> None:
     assert r.exit_code == 2 and "no such column" in r.stderr
     r = CliRunner().invoke(main, ["results", spec, "-o", str(tmp_path / "x.xlsx")])
     assert r.exit_code == 2 and "unknown format" in r.stderr
+
+
+@pytest.mark.parametrize("command", ["plot", "best"])
+def test_cli_unknown_objective_is_one_line_exit_2(swept: Swept, tmp_path: Path, command: str) -> None:
+    from click.testing import CliRunner
+
+    from gridsearch.cli import main
+
+    out = ["-o", str(tmp_path / "out")]
+    for objective in ("NOPE", "SEG"):  # SEG: a metric this ground truth (no SEG/) cannot give
+        r = CliRunner().invoke(main, [command, str(swept.sweep.path), "--objective", objective, *out])
+        assert r.exit_code == 2, (r.output, r.exception)
+        lines = r.stderr.strip().splitlines()
+        assert lines == [f"error: --objective {objective}: no such column; columns are: "
+                         + ", ".join(swept.df.columns)], lines
+    assert not (tmp_path / "out").exists()
+
+
+# ---- provenance ----------------------------------------------------------------------------------
+def test_provenance_names_ultrack_and_the_solver_that_ran(swept: Swept) -> None:
+    from importlib.metadata import version
+
+    done = swept.df[swept.df["state"] == "done"]
+    assert len(done) == 12
+    assert (done["ultrack"] == version("ultrack")).all()
+    assert (done["solver"] == "CBC").all()  # the sweep's tracking.solver_name
+
+
+@pytest.mark.parametrize("name", ["", "GUROBI", "CBC"])
+def test_resolved_solver_is_the_one_ultrack_picks(name: str) -> None:
+    """"" (and GUROBI) fall back to CBC without a Gurobi licence: asked of ultrack itself."""
+    from ultrack.config.config import TrackingConfig
+    from ultrack.core.solve.solver.mip_solver import MIPSolver
+
+    from gridsearch.runtime import resolved_solver
+
+    try:
+        used = MIPSolver(TrackingConfig(solver_name=name))._model.solver_name.upper()
+    except Exception:  # no Gurobi library at all: ultrack's solve fails, the configured name stays
+        used = name
+    assert resolved_solver(name) == {"GRB": "GUROBI"}.get(used, used)

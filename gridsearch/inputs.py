@@ -1,0 +1,110 @@
+"""The input files: the movie's arrays (readable, their identity) and the CTC ground truth checked
+against the movie, all before any work starts."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from gridsearch.core.errors import first_line
+from gridsearch.stages import canonical_json
+from gridsearch.validate import SpecError
+
+SAMPLED_CHUNKS = 64
+_METADATA = ("zarr.json", ".zarray", ".zattrs")
+
+
+def open_array(path: Path, label: str, spec_path: Path) -> tuple[Any, tuple[int, ...]]:
+    """The zarr array at `path` and its shape, T x (Z) x Y x X; bad input in one line otherwise."""
+    if not path.exists():
+        raise SpecError(f"{spec_path}: data.{label}: {path} does not exist")
+    try:
+        import zarr
+
+        arr = zarr.open(str(path), mode="r")
+        shape = tuple(int(s) for s in arr.shape)
+    except Exception as e:  # zarr raises many kinds for a bad store
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise SpecError(f"{spec_path}: data.{label}: {path} is not a readable zarr array: {reason}") from None
+    if len(shape) not in (3, 4):
+        raise SpecError(f"{spec_path}: data.{label}: expected T x (Z) x Y x X, got shape {shape}")
+    return arr, shape
+
+
+def _stat_line(f: Path, name: str) -> str:
+    try:
+        st = f.stat()
+    except FileNotFoundError:  # a chunk never written (fill value) is part of the identity too
+        return f"{name}:absent\n"
+    return f"{name}:{st.st_size}:{st.st_mtime_ns}\n"
+
+
+def _spread(n: int, k: int) -> Iterable[int]:
+    """Up to k indices spread evenly over range(n), first and last included: the same every call."""
+    if n <= k:
+        return range(n)
+    return sorted({j * (n - 1) // (k - 1) for j in range(k)})
+
+
+def _sampled_chunk_keys(arr: Any) -> list[str]:
+    """Store keys of the sampled chunks (shards, when sharded: what is stored as one file), computed
+    from the metadata so that the chunk directories are never listed (10^5 entries on Lustre)."""
+    chunk_shape = tuple(arr.metadata.chunk_grid.chunk_shape)
+    grid = tuple(math.ceil(s / c) for s, c in zip(arr.shape, chunk_shape, strict=True))
+    keys = []
+    for i in _spread(math.prod(grid), SAMPLED_CHUNKS):
+        coords, rest = [], i
+        for n in reversed(grid):
+            rest, c = divmod(rest, n)
+            coords.append(c)
+        keys.append(arr.metadata.encode_chunk_key(tuple(reversed(coords))))
+    return keys
+
+
+def array_identity(path: Path, arr: Any) -> str:
+    """Cheap identity of an input array, without hashing its content (minutes on a large movie) or
+    stat-ing every chunk file (slow on Lustre with 10^5 chunks).
+
+    What it trusts: shape, dtype and chunking; the size and mtime of the array's metadata files
+    (zarr.json, .zarray, .zattrs: re-creating the array rewrites them); the size and mtime of up to
+    SAMPLED_CHUNKS chunk files spread evenly over the chunk grid (writing new data over the whole
+    array changes them). An in-place edit of chunks the sample misses goes unnoticed: after one,
+    run `gridsearch sweep --restart`."""
+    h = hashlib.sha256(canonical_json([str(path.resolve()), arr.shape, str(arr.dtype),
+                                       arr.metadata.chunk_grid.chunk_shape]).encode())
+    if path.is_file():  # a zip store: one file
+        h.update(_stat_line(path, path.name).encode())
+        return h.hexdigest()
+    for name in [*_METADATA, *_sampled_chunk_keys(arr)]:
+        h.update(_stat_line(path / name, name).encode())
+    return h.hexdigest()
+
+
+def check_ground_truth(gt: Path, shape: tuple[int, ...], objective: str | None, spec_path: Path) -> None:
+    """CTC ground truth that cannot score this movie is refused before any work, not after the
+    first trial: one TRA/man_track*.tif per frame, each the movie's spatial shape (one file's header
+    is read), and SEG/man_seg*.tif when SEG is the objective."""
+    tra = gt / "TRA" / "man_track.txt"
+    if not tra.is_file():
+        raise SpecError(f"{spec_path}: data.ground_truth: {tra} not found (expected a CTC TRA folder)")
+    tifs = sorted(gt.glob("TRA/man_track*.tif"))
+    if len(tifs) != shape[0]:
+        raise SpecError(f"{spec_path}: data.ground_truth: {len(tifs)} TRA/man_track*.tif file(s) for a movie "
+                        f"of {shape[0]} frames; the ground truth must have one per frame")
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(tifs[0]) as tif:
+            gt_shape = tuple(int(s) for s in tif.series[0].shape)
+    except Exception as e:  # tifffile raises many kinds for a bad file
+        raise SpecError(f"{spec_path}: data.ground_truth: {tifs[0]} is not a readable TIFF: "
+                        f"{first_line(e)}") from None
+    if gt_shape != shape[1:]:
+        raise SpecError(f"{spec_path}: data.ground_truth: {tifs[0].name} has shape {gt_shape}, the movie's "
+                        f"frames {shape[1:]}; the ground truth must match the movie")
+    if objective == "SEG" and not any(gt.glob("SEG/man_seg*.tif")):
+        raise SpecError(f"{spec_path}: objective: SEG needs segmentation ground truth, and {gt / 'SEG'} "
+                        "holds no man_seg*.tif; rank by TRA, DET, LNK or CHOTA, or add it")
