@@ -15,8 +15,10 @@ from typing import Any
 from gridsearch import executors, results
 from gridsearch.backends import open_backend
 from gridsearch.core.errors import GridsearchError, one_line
+from gridsearch.core.files import atomic_write
 from gridsearch.core.signals import terminate_as_exit
 from gridsearch.executors.base import Executor, ExecutorContext, StageFailed, StageJob
+from gridsearch.inputs import IDENTITY_MARKER
 from gridsearch.ledger import Ledger
 from gridsearch.planner import Plan, PlannedTrial, make_plan
 from gridsearch.progress import Reporter, Silent
@@ -119,6 +121,8 @@ def run_sweep(sweep: Sweep, *, restart: bool = False, reporter: Reporter | None 
     check_writable(sweep.workdir, sweep.path)
     t0 = time.perf_counter()
     with terminate_as_exit(), ws.lock():
+        if not sweep.full_identity:  # fingerprints of this workdir use the sampled data identity
+            atomic_write(ws.root / IDENTITY_MARKER, "sampled\n")
         if restart and (dest := archive(ws)):
             rep.message(f"previous results archived in {dest}")
         with open_backend(sweep, ws, notify=rep.message) as backend:

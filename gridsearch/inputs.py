@@ -64,6 +64,28 @@ def _sampled_chunk_keys(arr: Any) -> list[str]:
     return keys
 
 
+IDENTITY_MARKER = ".identity-sampled"  # in a workdir: its fingerprints use the sampled identity
+
+
+def uses_full_identity(workdir: Path) -> bool:
+    """A workdir whose state predates the sampled identity keeps the full one: its ledger's
+    fingerprints were computed with it, and a new identity would read as "the data changed"
+    (every trial recomputed). New workdirs get the marker at their first sweep."""
+    has_state = (workdir / "state.db").exists() or (workdir / "postgres").exists()
+    return has_state and not (workdir / IDENTITY_MARKER).exists()
+
+
+def full_array_identity(path: Path, arr: Any) -> str:
+    """The identity of workdirs made before sampling: the size and mtime of every stored file."""
+    h = hashlib.sha256(canonical_json([str(path.resolve()), tuple(int(s) for s in arr.shape),
+                                       str(arr.dtype)]).encode())
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.relative_to(path) if f != path else f.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
 def array_identity(path: Path, arr: Any) -> str:
     """Cheap identity of an input array, without hashing its content (minutes on a large movie) or
     stat-ing every chunk file (slow on Lustre with 10^5 chunks).

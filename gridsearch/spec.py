@@ -14,7 +14,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from gridsearch.inputs import array_identity, check_ground_truth, open_array
+from gridsearch.inputs import (
+    array_identity,
+    check_ground_truth,
+    full_array_identity,
+    open_array,
+    uses_full_identity,
+)
 from gridsearch.stages import (
     EXECUTION_KEYS,
     SECTION_OF,
@@ -144,6 +150,7 @@ class Sweep:
     data_identity: str
     trials: list[Trial]
     shape: tuple[int, ...] = field(default=())
+    full_identity: bool = False  # a workdir older than the sampled data identity (inputs.py)
 
     @property
     def name(self) -> str:
@@ -335,8 +342,9 @@ def _resolve_data(sf: SweepFile, base: Path, spec_path: Path) -> tuple[str, tupl
     if sf.data.ground_truth is not None:
         sf.data.ground_truth = _resolve(base, sf.data.ground_truth)
         check_ground_truth(sf.data.ground_truth, fg_shape, sf.objective, spec_path)
-    fg_id = array_identity(sf.data.foreground, fg)
-    ct_id = array_identity(sf.data.contours, ct)
+    identity = full_array_identity if uses_full_identity(sf.workdir) else array_identity
+    fg_id = identity(sf.data.foreground, fg)
+    ct_id = identity(sf.data.contours, ct)
     return hashlib.sha256(f"{fg_id}:{ct_id}".encode()).hexdigest(), fg_shape
 
 
@@ -387,7 +395,7 @@ def load(path: str | Path) -> Sweep:
         raise SpecError(f"{spec_path}: config.{sorted(unknown)[0]}: unknown ultrack config section")
     base_raw.pop("data", None)  # gridsearch owns [data]: where each database lives
     base_sections = _validate_sections(base_raw, f"{spec_path}: config.")
-    sweep = Sweep(spec_path, sf, base_sections, data_identity, [], shape)
+    sweep = Sweep(spec_path, sf, base_sections, data_identity, [], shape, uses_full_identity(sf.workdir))
     batching = (shape[0], sweep.executor.frames_per_batch)
     sweep.trials = _expand(sf.grid, base_raw, data_identity, spec_path, batching)
     return sweep

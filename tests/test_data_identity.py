@@ -136,3 +136,50 @@ def test_loading_a_sweep_neither_lists_nor_stats_every_chunk(
     assert not [p for p in fs_calls["list"] if p.startswith(arrays)]
     chunk_stats = {p for p in fs_calls["stat"] if p.startswith(arrays) and Path(p).name not in METADATA}
     assert len(chunk_stats) <= 2 * SAMPLED_CHUNKS + 2
+
+
+def _v1_identity(path: Path) -> str:
+    """The data identity as gridsearch 0.1 computed it (every stored file), written out here so
+    that a change to the kept copy cannot go unnoticed."""
+    import hashlib
+
+    from gridsearch.stages import canonical_json
+
+    arr = zarr.open(str(path), mode="r")
+    h = hashlib.sha256(canonical_json([str(path.resolve()), tuple(int(s) for s in arr.shape),
+                                       str(arr.dtype)]).encode())
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        st = f.stat()
+        h.update(f"{f.relative_to(path)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def test_workdirs_older_than_sampling_keep_their_fingerprints(tmp_path: Path, movie: dict[str, Path]) -> None:
+    """A workdir made before the sampled identity keeps the full one (its ledger's fingerprints),
+    so an upgrade never reads as "the data changed"; a new workdir uses sampling from the start."""
+    import hashlib
+
+    from helpers import write_spec
+
+    from gridsearch.engine import run_sweep
+    from gridsearch.inputs import IDENTITY_MARKER, full_array_identity
+    from gridsearch.spec import load
+
+    spec = write_spec(tmp_path, movie, name="old", grid="grid:\n  tracking.appear_weight: [-0.5]\n")
+    fresh = load(spec)
+    assert not fresh.full_identity
+    old_workdir = fresh.workdir
+    old_workdir.mkdir(parents=True)
+    (old_workdir / "state.db").write_bytes(b"")  # state of gridsearch 0.1: no marker
+    old = load(spec)
+    fg = zarr.open(str(movie["foreground"]), mode="r")
+    assert old.full_identity
+    assert full_array_identity(movie["foreground"], fg) == _v1_identity(movie["foreground"])
+    expected = hashlib.sha256(f"{_v1_identity(movie['foreground'])}:{_v1_identity(movie['contours'])}"
+                              .encode()).hexdigest()
+    assert old.data_identity == expected != fresh.data_identity
+    (old_workdir / "state.db").unlink()
+    out = run_sweep(load(spec))  # a new workdir: marked, and its identity stays the sampled one
+    assert out.completed == 1 and (old_workdir / IDENTITY_MARKER).exists()
+    again = load(spec)
+    assert not again.full_identity and again.data_identity == fresh.data_identity
