@@ -14,10 +14,16 @@ import secrets
 import sys
 from collections.abc import Iterator
 
-from gridsearch.backends.postgres import PostgresBackend, connected, db_name, is_this_host, remote_credentials
+from gridsearch.backends.postgres import (
+    PostgresBackend,
+    connected,
+    db_name,
+    is_this_host,
+    sweep_dbs,
+    tcp_view,
+)
 from gridsearch.core.waiting import wait_until
-from gridsearch.postgres import PASSWORD_ENV, Credentials, PostgresError, connect
-from gridsearch.postgres.client import sqlalchemy_url
+from gridsearch.postgres import DEFAULT_ROLE, PASSWORD_ENV, Credentials, ExternalServer, PostgresError
 from gridsearch.postgres.serve import read_ready
 from gridsearch.slurm import job_name
 from gridsearch.slurm.gateway import job_state, scancel_ids, submit_job, wait_gone
@@ -44,10 +50,6 @@ def submit_server(sweep: Sweep, ws: Workspace) -> str:
            "--ready", str(ws.root / READY), "--dbs", ",".join(sweep_dbs(sweep)),
            "--workers", str(ex.max_parallel)]
     return submit_job(ex, SERVER, job_name(sweep, SERVER), cmd, JobPaths.of(ws))
-
-
-def sweep_dbs(sweep: Sweep) -> list[str]:
-    return [db_name(sweep, "state"), db_name(sweep, "main")]
 
 
 def wait_ready(ws: Workspace, job_id: str, timeout: float = READY_TIMEOUT_S) -> tuple[str, int]:
@@ -96,8 +98,10 @@ def open_server_job(sweep: Sweep, ws: Workspace) -> Iterator[PostgresBackend]:
     interrupted = False
     try:
         host, port = wait_ready(ws, job_id)
-        creds = Credentials(host, port, "gridsearch", password)
-        with connected(sweep, ws, creds, None, db_name(sweep, "state")) as backend:
+        creds = Credentials(host, port, DEFAULT_ROLE, password)
+        # The role owns the sweep's databases: --restart renames the ledger's over TCP as it.
+        admin = ExternalServer(host, port, DEFAULT_ROLE)
+        with connected(sweep, ws, creds, admin, db_name(sweep, "state")) as backend:
             backend.stable_password = reused
             yield backend
     except (KeyboardInterrupt, SystemExit):
@@ -119,9 +123,4 @@ def remote_view(sweep: Sweep, ws: Workspace) -> PostgresBackend | None:
     if live is None or is_this_host(live[1]):
         return None  # not running, or on this node: the unix socket path works
     job, host, port = live
-    creds = remote_credentials(host, port, f"SLURM job {job}")
-    state_db = db_name(sweep, "state")
-    connect(creds, state_db).close()
-    kwargs = {"connect_args": {"password": creds.password}}
-    return PostgresBackend(ws, sqlalchemy_url(creds, state_db), kwargs, sweep=sweep, creds=creds,
-                           state_db=state_db)
+    return tcp_view(sweep, ws, host, port, f"SLURM job {job}")
