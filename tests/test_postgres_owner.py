@@ -194,3 +194,19 @@ def test_another_host_that_answers_is_used_over_tcp_not_started(open_tmp: Path) 
         owner.write(server.root, mine)
     finally:
         server.stop()
+
+
+def test_a_record_of_an_ended_slurm_job_is_forgotten(
+    open_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node that died took its server job with it: SLURM's word that the job ended clears the
+    record; a job SLURM still runs keeps it."""
+    from gridsearch.backends import slurm_server
+
+    ws = Workspace(open_tmp / "slurm")
+    ghost = owner.Owner("node7", "node7", 5432, 4242, owner.now(), "123", False)
+    owner.write(ws.root / "postgres", ghost)
+    monkeypatch.setattr(slurm_server, "job_state", lambda job: "RUNNING")
+    assert slurm_server.forget_ended_owner(ws) is False and owner.read(ws.root / "postgres") == ghost
+    monkeypatch.setattr(slurm_server, "job_state", lambda job: "NODE_FAIL")
+    assert slurm_server.forget_ended_owner(ws) is True and owner.read(ws.root / "postgres") is None

@@ -108,7 +108,7 @@ def test_a_stage_is_trusted_only_with_every_batch_acknowledged(tmp_path: Path) -
         led.start_stage(empty, 0)
         with pytest.raises(LedgerError, match="0 of 0 batches"):
             led.finish_stage(empty, "main", Stage.LINK, fps[Stage.LINK])
-        assert [r["batches_done"] for r in led.stage_runs()][0] == 2
+        assert [r["batches_done"] for r in led.stage_runs()][0] == 2  # noqa: RUF015
     finally:
         led.close()
 

@@ -23,7 +23,7 @@ from gridsearch.backends.postgres import (
     tcp_view,
 )
 from gridsearch.core.waiting import wait_until
-from gridsearch.postgres import DEFAULT_ROLE, PASSWORD_ENV, Credentials, ExternalServer, PostgresError
+from gridsearch.postgres import DEFAULT_ROLE, PASSWORD_ENV, Credentials, ExternalServer, PostgresError, owner
 from gridsearch.postgres.serve import read_ready
 from gridsearch.slurm import job_name
 from gridsearch.slurm.gateway import job_state, scancel_ids, submit_job, wait_gone
@@ -79,8 +79,20 @@ def _reusable_job(ws: Workspace, user_pw: str | None) -> str | None:
         return None
     if not user_pw:
         scancel_ids([got[0]])
+        wait_gone(got[0])  # its server stops and withdraws its owner record before a new one starts
         return None
     return got[0]
+
+
+def forget_ended_owner(ws: Workspace) -> bool:
+    """An owner record naming a SLURM job that SLURM says has ended is stale (a node that died takes
+    its server with it, leaving the record and postmaster.pid): cleared so that a new job may start."""
+    root = ws.root / "postgres"
+    rec = owner.read(root)
+    if rec is None or not rec.job or job_state(rec.job) in LIVE_STATES:
+        return False
+    owner.clear(root)
+    return True
 
 
 @contextlib.contextmanager
@@ -94,6 +106,7 @@ def open_server_job(sweep: Sweep, ws: Workspace) -> Iterator[PostgresBackend]:
     os.environ[PASSWORD_ENV] = password  # reaches the server job through sbatch's --export
     if job_id is None:
         (ws.root / READY).unlink(missing_ok=True)
+        forget_ended_owner(ws)
         job_id = submit_server(sweep, ws)
     interrupted = False
     try:
