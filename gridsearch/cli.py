@@ -317,9 +317,10 @@ def _managed(spec: str) -> tuple[Sweep, Any]:
 @click.argument("spec", type=click.Path(dir_okay=False))
 def db_start(spec: str) -> None:
     """Start (initialising if needed) and leave running; sweeps on SPEC reuse it and leave it up."""
+    from gridsearch.backends.postgres import keep_up
+
     sw, server = _managed(spec)
-    sw.workdir.mkdir(parents=True, exist_ok=True)
-    started = server.start()
+    started = keep_up(sw, server)
     click.echo(f"{'started' if started else 'already running'}: {server.host}:{server.port} "
                f"(data in {server.data_dir})")
 
@@ -347,6 +348,9 @@ def db_status(spec: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(st, indent=1, default=str))
         return
+    if st.get("owner"):
+        click.echo(f"{'running' if st['running'] else 'not answering'} on another host: {st['owner']}")
+        return
     click.echo(f"{'running' if st['running'] else 'stopped'}: {st['host']}:{st['port']}"
                + (f" pid {st['pid']}, {st.get('connections', 0)} connection(s)" if st["running"] else ""))
     for d in st.get("databases", []):
@@ -362,10 +366,12 @@ def db_url(spec: str) -> None:
     from gridsearch.postgres import DEFAULT_ROLE, Credentials, ultrack_address
 
     sw, server = _managed(spec)
-    if not server.is_running():
-        fail(f"{sw.workdir}: the server is not running; `gridsearch db start {spec}`", EXIT_FAILED)
+    st = server.status()
+    if not st["running"]:
+        fail(st.get("owner") or f"{sw.workdir}: the server is not running; `gridsearch db start {spec}`",
+             EXIT_FAILED)
     # not server.credentials(): that would reset the password under a running sweep
-    where = Credentials(server.host, server.port, DEFAULT_ROLE)
+    where = Credentials(st["host"], st["port"], DEFAULT_ROLE)
     click.echo(f"postgresql://{ultrack_address(where, db_name(sw, 'main'))}")
 
 

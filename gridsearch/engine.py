@@ -127,7 +127,7 @@ def run_sweep(sweep: Sweep, *, restart: bool = False, reporter: Reporter | None 
             rep.message(f"previous results archived in {dest}")
         with open_backend(sweep, ws, notify=rep.message) as backend:
             if restart and (old := backend.archive_ledger()):
-                rep.message(f"previous ledger kept in database {old}")
+                rep.message(f"previous ledger kept in {old}")
             ledger = Ledger(backend.ledger_url, sweep.name, backend.engine_kwargs)
             try:
                 check_compatible(ledger, sweep)

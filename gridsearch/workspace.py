@@ -51,7 +51,9 @@ class Workspace:
         return self.root / "db" / name
 
     def exists(self) -> bool:
-        return self.state_db.exists() or (self.root / "postgres").exists()
+        """A sweep ran here: its state (SQLite file, managed server) or, on an existing PostgreSQL
+        server, which leaves neither in the workdir, the lock every sweep takes."""
+        return self.state_db.exists() or (self.root / "postgres").exists() or self.lock_path.exists()
 
     def holder(self) -> int | None:
         """PID of the driver holding the lock, or None (the lock dies with its process)."""

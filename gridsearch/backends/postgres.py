@@ -6,6 +6,7 @@ The password reaches libpq through connect_args and PGPASSWORD only."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import socket
@@ -13,21 +14,28 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import psycopg
+from psycopg import sql
+
 from gridsearch.backends.base import Backend
+from gridsearch.core.errors import first_line
 from gridsearch.postgres import (
     DEFAULT_ROLE,
     PASSWORD_ENV,
     Credentials,
     ExternalServer,
     ManagedServer,
+    Owner,
     PostgresError,
     PostgresServer,
+    ServedElsewhere,
     connect,
     libpq_env,
     running,
     ultrack_address,
 )
-from gridsearch.postgres.client import sqlalchemy_url
+from gridsearch.postgres.client import hostport, sqlalchemy_url
+from gridsearch.schema import metadata
 from gridsearch.spec import Sweep
 from gridsearch.ultrackdb import UltrackDB
 from gridsearch.workspace import Workspace
@@ -35,12 +43,24 @@ from gridsearch.workspace import Workspace
 # PostgreSQL truncates identifiers to 63 bytes: names stay below it (the sweep name is cut, a hash
 # of the whole keeps cut names apart).
 _MAX_IDENTIFIER = 63
+_HASH_CHARS = 10
+
+
+def fit_identifier(stem: str, suffix: str, key: str) -> str:
+    """``stem + suffix`` when it fits in 63 bytes (so names in use stay what they are); else the stem
+    is cut and a hash of ``key`` (the full name it stands for) keeps two cut names apart."""
+    name = stem + suffix
+    if len(name.encode()) <= _MAX_IDENTIFIER:
+        return name
+    tail = f"_{hashlib.sha256(key.encode()).hexdigest()[:_HASH_CHARS]}{suffix}"
+    return stem.encode()[: _MAX_IDENTIFIER - len(tail.encode())].decode(errors="ignore") + tail
 
 
 def db_name(sweep: Sweep, what: str) -> str:
-    """PostgreSQL folds case and dislikes '-': one predictable name per sweep and role."""
+    """PostgreSQL folds case and dislikes '-': one predictable name per sweep and role, whole up to
+    63 bytes (as it always was), cut and hashed beyond (the state and main names would coincide)."""
     base = re.sub(r"[^a-z0-9_]", "_", sweep.name.lower())
-    return f"gs_{base}_{what}"
+    return fit_identifier(f"gs_{base}", f"_{what}", sweep.name)
 
 
 @dataclass
@@ -61,19 +81,72 @@ class PostgresBackend(Backend):
         return UltrackDB(name, self.ws.db_dir(name), "postgresql", ultrack_address(self.creds, dbname))
 
     def archive_ledger(self) -> str | None:
-        """--restart keeps the old ledger: the state database is renamed, not dropped."""
-        if not isinstance(self.server, ManagedServer):
+        """--restart keeps the old ledger: the state database is renamed (managed here or as a SLURM
+        job), or, in an existing server's database, the ledger's tables move aside."""
+        if self.server is None or self.sweep is None:
             return None
         stamp = time.strftime("%Y%m%d%H%M%S")
-        new = f"{self.state_db[:_MAX_IDENTIFIER - len(stamp) - 10]}_archived_{stamp}"
+        if not self.create_databases:
+            return self._archive_tables(stamp)
+        new = fit_identifier(self.state_db, f"_archived_{stamp}", self.state_db)
         self.server.rename_database(self.state_db, new)
         self.server.create_database(self.state_db)
-        return new
+        return f"database {new}"
+
+    def _archive_tables(self, stamp: str) -> str | None:
+        """The user's database holds more than ours (optuna's tables may hold other studies, ultrack's
+        are caches): our gs_* tables move to a schema of their own, indexes and sequences with them,
+        and optuna's study is renamed, in one transaction. None: nothing to archive."""
+        assert self.sweep is not None and self.creds is not None
+        schema = db_name(self.sweep, f"archived_{stamp}")
+        study = f"{self.sweep.name}_archived_{stamp}"
+
+        def move(conn: psycopg.Connection) -> bool:
+            tables = [r[0] for r in conn.execute(
+                "SELECT tablename FROM pg_tables WHERE schemaname = current_schema() "
+                "AND tablename = ANY(%s)", (sorted(metadata.tables),)).fetchall()]
+            renamed = 0
+            if conn.execute("SELECT to_regclass('studies')").fetchone()[0] is not None:
+                renamed = conn.execute("UPDATE studies SET study_name = %s WHERE study_name = %s",
+                                       (study, self.sweep.name)).rowcount
+            if tables:
+                conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+            for t in tables:
+                conn.execute(sql.SQL("ALTER TABLE {} SET SCHEMA {}").format(sql.Identifier(t),
+                                                                             sql.Identifier(schema)))
+            return bool(tables or renamed)
+
+        try:
+            with connect(self.creds, self.state_db) as conn, conn.transaction():
+                if not move(conn):
+                    return None
+        except psycopg.Error as exc:
+            raise PostgresError(f"archiving the ledger in database {self.state_db!r} at "
+                                f"{hostport(self.creds.host, self.creds.port)}: {first_line(exc)}") from None
+        return f"schema {schema} of database {self.state_db} (optuna study {study})"
 
 
 def managed_server(sweep: Sweep, ws: Workspace) -> ManagedServer:
     return ManagedServer(ws.root / "postgres", workers=sweep.executor.workers,
                          listen_addresses=sweep.database.listen)
+
+
+def keep_up(sweep: Sweep, server: ManagedServer) -> bool:
+    """`gridsearch db start`: start and leave up, with the sweep's databases; True if started here.
+    A server started here also gets ULTRACK_DB_PW as its role's password (if set), so that views on
+    other nodes can read it over TCP (never reset under a running server: its sweep's workers use it)."""
+    sweep.workdir.mkdir(parents=True, exist_ok=True)
+    started = server.start()
+    if started and os.environ.get(PASSWORD_ENV):
+        server.credentials()
+    for name in sweep_dbs(sweep):
+        server.create_database(name)
+    return started
+
+
+def sweep_dbs(sweep: Sweep) -> list[str]:
+    """The ledger's database and the ultrack database trials run in (engine.MAIN_DB)."""
+    return [db_name(sweep, "state"), db_name(sweep, "main")]
 
 
 def server_for(sweep: Sweep, ws: Workspace) -> PostgresServer:
@@ -115,6 +188,18 @@ def connected(sweep: Sweep, ws: Workspace, creds: Credentials, server: PostgresS
                               create_databases=create_databases)
 
 
+def _join(stack: contextlib.ExitStack, server: ManagedServer, sweep: Sweep, read_only: bool) -> Owner | None:
+    """Use the managed server (starting it if needed); a view of one another host runs gets its
+    owner instead, to read it over TCP. Nobody else may start a second server on its files."""
+    try:
+        stack.enter_context(running(server, keep=sweep.database.keep))
+    except ServedElsewhere as exc:
+        if not (read_only and exc.reachable):
+            raise
+        return exc.owner
+    return None
+
+
 @contextlib.contextmanager
 def open_postgres(sweep: Sweep, ws: Workspace, read_only: bool = False) -> Iterator[Backend]:
     """A server this driver reaches directly (managed here, or existing)."""
@@ -122,7 +207,10 @@ def open_postgres(sweep: Sweep, ws: Workspace, read_only: bool = False) -> Itera
     with contextlib.ExitStack() as stack:
         if isinstance(server, ManagedServer):
             ws.root.mkdir(parents=True, exist_ok=True)
-            stack.enter_context(running(server, keep=sweep.database.keep))
+            remote = _join(stack, server, sweep, read_only)
+            if remote is not None:
+                yield tcp_view(sweep, ws, remote.address, remote.port, remote.describe())
+                return
             state_db = db_name(sweep, "state")
             server.create_database(state_db)
             if read_only:
@@ -142,9 +230,21 @@ def remote_credentials(host: str, port: int, what: str) -> Credentials:
     """A view of a server another node runs needs the password the sweep was started with."""
     password = os.environ.get(PASSWORD_ENV)
     if not password:
-        raise PostgresError(f"the sweep's PostgreSQL runs as {what} on {host}:{port}; "
-                            f"set {PASSWORD_ENV} (the password the sweep was started with) to read it")
+        raise PostgresError(f"the sweep's PostgreSQL runs on another node ({what}) at "
+                            f"{hostport(host, port)}; set {PASSWORD_ENV} (the password the sweep was "
+                            "started with) to read it")
     return Credentials(host, port, DEFAULT_ROLE, password)
+
+
+def tcp_view(sweep: Sweep, ws: Workspace, host: str, port: int, what: str) -> PostgresBackend:
+    """A read-only view over TCP of a server another node runs, never a second server on its files
+    (two postmasters on one data directory corrupt it). ``what``: who runs it, for errors."""
+    creds = remote_credentials(host, port, what)
+    state_db = db_name(sweep, "state")
+    connect(creds, state_db).close()
+    kwargs = {"connect_args": {"password": creds.password}}
+    return PostgresBackend(ws, sqlalchemy_url(creds, state_db), kwargs, sweep=sweep, creds=creds,
+                           state_db=state_db)
 
 
 def is_this_host(host: str) -> bool:

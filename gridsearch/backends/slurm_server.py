@@ -17,13 +17,19 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 
-from gridsearch.backends.postgres import PostgresBackend, connected, db_name, is_this_host, remote_credentials
+from gridsearch.backends.postgres import (
+    PostgresBackend,
+    connected,
+    db_name,
+    is_this_host,
+    sweep_dbs,
+    tcp_view,
+)
 from gridsearch.core.errors import ignore
 from gridsearch.core.files import tail
 from gridsearch.core.secrets import write_pgpass
 from gridsearch.core.waiting import wait_until
-from gridsearch.postgres import PASSWORD_ENV, Credentials, PostgresError, connect
-from gridsearch.postgres.client import sqlalchemy_url
+from gridsearch.postgres import DEFAULT_ROLE, PASSWORD_ENV, Credentials, ExternalServer, PostgresError, owner
 from gridsearch.postgres.serve import read_ready
 from gridsearch.slurm import job_name
 from gridsearch.slurm.gateway import (
@@ -63,10 +69,6 @@ def submit_server(sweep: Sweep, ws: Workspace, password: str) -> str:
            "--workers", str(ex.max_parallel), "--passfile", str(passfile)]
     env = {"PGPASSFILE": str(passfile)}
     return submit_job(ex, SERVER, job_name(sweep, SERVER), cmd, JobPaths.of(ws), env)
-
-
-def sweep_dbs(sweep: Sweep) -> list[str]:
-    return [db_name(sweep, "state"), db_name(sweep, "main")]
 
 
 class _ServerWait:
@@ -124,8 +126,20 @@ def _reusable_job(ws: Workspace, user_pw: str | None) -> str | None:
         return None
     if not user_pw:
         scancel_ids([got[0]])
+        wait_gone(got[0])  # its server stops and withdraws its owner record before a new one starts
         return None
     return got[0]
+
+
+def forget_ended_owner(ws: Workspace) -> bool:
+    """An owner record naming a SLURM job that SLURM says has ended is stale (a node that died takes
+    its server with it, leaving the record and postmaster.pid): cleared so that a new job may start."""
+    root = ws.root / "postgres"
+    rec = owner.read(root)
+    if rec is None or not rec.job or job_state(rec.job) in LIVE_STATES:
+        return False
+    owner.clear(root)
+    return True
 
 
 @contextlib.contextmanager
@@ -139,12 +153,15 @@ def open_server_job(sweep: Sweep, ws: Workspace,
     password = user_pw or secrets.token_urlsafe(24)
     if job_id is None:
         (ws.root / READY).unlink(missing_ok=True)
+        forget_ended_owner(ws)
         job_id = submit_server(sweep, ws, password)
     interrupted = False
     try:
         host, port = wait_ready(ws, job_id, notify)
-        creds = Credentials(host, port, "gridsearch", password)
-        with connected(sweep, ws, creds, None, db_name(sweep, "state")) as backend:
+        creds = Credentials(host, port, DEFAULT_ROLE, password)
+        # The role owns the sweep's databases: --restart renames the ledger's over TCP as it.
+        admin = ExternalServer(host, port, DEFAULT_ROLE)
+        with connected(sweep, ws, creds, admin, db_name(sweep, "state")) as backend:
             backend.stable_password = reused
             yield backend
     except (KeyboardInterrupt, SystemExit):
@@ -165,9 +182,4 @@ def remote_view(sweep: Sweep, ws: Workspace) -> PostgresBackend | None:
     if live is None or is_this_host(live[1]):
         return None  # not running, or on this node: the unix socket path works
     job, host, port = live
-    creds = remote_credentials(host, port, f"SLURM job {job}")
-    state_db = db_name(sweep, "state")
-    connect(creds, state_db).close()
-    kwargs = {"connect_args": {"password": creds.password}}
-    return PostgresBackend(ws, sqlalchemy_url(creds, state_db), kwargs, sweep=sweep, creds=creds,
-                           state_db=state_db)
+    return tcp_view(sweep, ws, host, port, f"SLURM job {job}")

@@ -5,7 +5,9 @@
 - ``conf``: pure renderers and parsers of the server's files and output (no I/O).
 - ``osuser``: running the server as an unprivileged OS user when gridsearch runs as root.
 - ``server``: admin SQL every server shares (databases, roles) and ``ExternalServer``.
-- ``managed``: ``ManagedServer``'s lifecycle and ``running()``, which scopes it to a block.
+- ``managed``: ``ManagedServer``'s lifecycle.
+- ``owner``: who runs a managed server (host, pid, port, SLURM job): no second postmaster elsewhere.
+- ``users``: who uses it (sweeps, views) and ``running()``, which scopes it to a block.
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ from gridsearch.postgres.client import (
     ultrack_address,
 )
 from gridsearch.postgres.host import INSTALL_HINT, find_binaries, free_port, port_is_free
-from gridsearch.postgres.managed import ManagedServer, running
+from gridsearch.postgres.managed import ManagedServer
 from gridsearch.postgres.osuser import FALLBACK_OS_USER
+from gridsearch.postgres.owner import Owner, ServedElsewhere
 from gridsearch.postgres.server import ExternalServer, PostgresServer
+from gridsearch.postgres.users import running
 
 __all__ = [
     "DEFAULT_ROLE",
@@ -35,8 +39,10 @@ __all__ = [
     "Credentials",
     "ExternalServer",
     "ManagedServer",
+    "Owner",
     "PostgresError",
     "PostgresServer",
+    "ServedElsewhere",
     "connect",
     "engine",
     "find_binaries",

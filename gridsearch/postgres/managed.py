@@ -1,4 +1,4 @@
-"""A PostgreSQL server gridsearch owns (initdb/pg_ctl/pg_isready), and ``running()`` to scope it.
+"""A PostgreSQL server gridsearch owns (initdb/pg_ctl/pg_isready); ``users.running()`` scopes it.
 
 The plaintext password is never stored anywhere. Each driver process (re)sets it over the server's
 private unix socket (peer auth, no password needed there) and sends only a SCRAM verifier computed
@@ -6,13 +6,11 @@ client-side, so neither the wire, the server log nor WAL ever sees the plaintext
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import secrets
 import socket
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +18,8 @@ import psycopg
 
 from gridsearch.core.errors import first_line
 from gridsearch.core.files import atomic_write
-from gridsearch.core.signals import terminate_as_exit
 from gridsearch.core.waiting import wait_until
-from gridsearch.postgres import conf, osuser
+from gridsearch.postgres import conf, osuser, owner
 from gridsearch.postgres.client import (
     DEFAULT_ROLE,
     PASSWORD_ENV,
@@ -136,18 +133,12 @@ class ManagedServer(PostgresServer):
         return (info or {}).get("socket_dir") or str(self.socket_dir)
 
     def pid(self) -> int | None:
-        """Postmaster pid if one is alive for this data dir."""
+        """Postmaster pid if one of this data dir runs on this host (a recycled pid is not one)."""
         info = self._pidfile()
         if not info or not info.get("pid", "").lstrip("-").isdigit():
             return None
         pid = abs(int(info["pid"]))
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None
-        except PermissionError:
-            pass  # alive, owned by the server user
-        return pid
+        return pid if owner.is_postmaster(pid, self.data_dir) else None
 
     def _configured_port(self) -> int | None:
         try:
@@ -232,14 +223,17 @@ class ManagedServer(PostgresServer):
         self._write_private(main_conf, main_conf.read_text() + conf.INCLUDE_SETTINGS)
         return True
 
-    def start(self) -> bool:
-        """Start if needed; True only if this call started it (so the caller stops it)."""
-        if self.is_running():
-            self._create_role(self.role)
-            return False
+    def start(self, *, on_demand: bool = False) -> bool:
+        """Start if needed; True only if this call started it. ``on_demand``: its last user stops
+        it (see users.running); False keeps it up, and keeps up a server found running.
+
+        Raises ServedElsewhere, before anything is touched, when another host runs it."""
+        rec = owner.check(self.root, self.data_dir)
         # A postmaster that is alive but not accepting yet is starting up: wait for it.
-        if self.pid() is not None and self._wait_ready():
+        if self.is_running() or (self.pid() is not None and self._wait_ready()):
             self._create_role(self.role)
+            if rec is None or (rec.on_demand and not on_demand):
+                self._record(on_demand=on_demand and rec is not None)
             return False
         port = self._port = choose_port(
             self.listen_addresses, self.requested_port, self._configured_port(), self.host
@@ -256,7 +250,19 @@ class ManagedServer(PostgresServer):
                 f"{self._log_reason(res.stderr)} (log: {self.log_file})"
             )
         self._create_role(self.role)
+        self._record(on_demand)
         return True
+
+    def _record(self, on_demand: bool) -> None:
+        """The owner record, once the server answers (a server found without one is kept up)."""
+        pid = self.pid()
+        if pid is not None:
+            owner.record(self.root, self.host, self.port, pid, on_demand)
+
+    def on_demand(self, default: bool) -> bool:
+        """Whether this host's running server is only up for its users (``default``: no record)."""
+        rec = owner.read(self.root)
+        return default if rec is None else rec.here() and rec.on_demand
 
     def _wait_ready(self) -> bool:
         """Poll pg_isready while a postmaster we found is starting; never assume readiness."""
@@ -272,8 +278,15 @@ class ManagedServer(PostgresServer):
         return conf.start_failure_reason(lines, fallback)
 
     def stop(self) -> bool:
-        """pg_ctl stop -m fast; True if a server was running and is now down."""
+        """pg_ctl stop -m fast; True if a server was running and is now down. Another host's
+        server is not "not running": ServedElsewhere says who runs it and where to stop it."""
+        gone = owner.elsewhere(self.root, self.data_dir)
+        if gone is not None:
+            rec = gone.owner
+            how = f"scancel {rec.job}" if rec.job else f"`gridsearch db stop` on {rec.host}"
+            raise owner.ServedElsewhere(f"{gone}; stop it there ({how})", rec, gone.reachable)
         if self.pid() is None:
+            owner.clear(self.root)
             return False
         argv = [str(self.bindir / "pg_ctl"), "stop", "-m", "fast", "-w", "-t", str(self.timeout),
                 "-D", str(self.data_dir)]
@@ -284,6 +297,7 @@ class ManagedServer(PostgresServer):
                 f"{first_line(res.stderr or res.stdout)}"
             )
         self._creds = None
+        owner.clear(self.root)
         return True
 
     # ---- connections and credentials
@@ -292,10 +306,11 @@ class ManagedServer(PostgresServer):
         """SQLAlchemy URL + connect_args for the superuser over the private unix socket.
 
         Read-only views (status, results, plot) use it: they must not reset the role's password
-        under a running sweep's workers, and need none on this machine."""
+        under a running sweep's workers, and need none on this machine. The session acts as the
+        sweep's role: what a view creates in a new ledger (optuna's tables, ours) stays the sweep's."""
         sock = self._live_socket_dir(self._pidfile())
         url = sqlalchemy_url(Credentials("", self.port, self.superuser), dbname)
-        return url, {"connect_args": {"host": sock, "port": self.port}}
+        return url, {"connect_args": {"host": sock, "port": self.port, "options": f"-c role={self.role}"}}
 
     def _admin(self, dbname: str | None = None) -> psycopg.Connection:
         """Superuser session over the private unix socket (peer auth: no password involved)."""
@@ -349,21 +364,9 @@ class ManagedServer(PostgresServer):
         }
         if running:
             out.update(self._live_status())
+        elif (gone := owner.elsewhere(self.root, self.data_dir)) is not None:
+            rec = gone.owner  # another host's: say whose, never "stopped"
+            out.update(running=gone.reachable, host=rec.address, port=rec.port, pid=rec.pid,
+                       owner=str(gone))
         return out
 
-
-@contextlib.contextmanager
-def running(server: ManagedServer, keep: bool = False) -> Iterator[ManagedServer]:
-    """Start ``server`` if needed and stop it on any exit unless ``keep`` or it was already up.
-
-    SIGTERM/SIGHUP become SystemExit (SIGINT already raises KeyboardInterrupt) so that the stop
-    runs when a scheduler or a user kills the driver; the old handlers are back afterwards."""
-    with terminate_as_exit():
-        # Decided before start(): a signal during start() must still lead to a stop.
-        was_running = server.is_running()
-        try:
-            server.start()
-            yield server
-        finally:
-            if not (keep or was_running):
-                server.stop()

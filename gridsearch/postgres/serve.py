@@ -2,6 +2,8 @@
 every interface under this node's hostname, create the sweep's databases, set the role's password
 from the pgpass file the driver wrote (never the job's environment, which slurmctld saves), and
 only after pg_isready write ``<job id> <host>:<port>`` to the ready file. Stop on SIGTERM (scancel).
+The server's owner record (see owner.py) names this node and job, so no other node starts a second
+server on the shared data directory, and views elsewhere read it over TCP.
 
 The driver's half of this (submit, wait for the ready file, cancel) is gridsearch.backends.slurm_server."""
 

@@ -143,13 +143,17 @@ class PostgresServer(ABC):
         return int(row[0])
 
     def _create_role(self, role: str) -> None:
-        """The unprivileged LOGIN role workers connect as; it owns the sweep's databases."""
+        """The unprivileged LOGIN role workers connect as; it owns the sweep's databases. CREATEDB:
+        over TCP (a SLURM server job), --restart renames the ledger's database as this role."""
 
         def create(conn: psycopg.Connection) -> None:
-            if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone():
+            row = conn.execute("SELECT rolcreatedb FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
+            if row is not None:
+                if not row[0]:
+                    conn.execute(sql.SQL("ALTER ROLE {} CREATEDB").format(sql.Identifier(role)))
                 return
             with contextlib.suppress(psycopg.errors.DuplicateObject):
-                conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+                conn.execute(sql.SQL("CREATE ROLE {} LOGIN CREATEDB").format(sql.Identifier(role)))
 
         self._run_admin(f"creating role {role!r}", create)
 
