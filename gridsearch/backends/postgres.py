@@ -230,9 +230,8 @@ def remote_credentials(host: str, port: int, what: str) -> Credentials:
     """A view of a server another node runs needs the password the sweep was started with."""
     password = os.environ.get(PASSWORD_ENV)
     if not password:
-        raise PostgresError(f"the sweep's PostgreSQL runs on another node ({what}) at "
-                            f"{hostport(host, port)}; set {PASSWORD_ENV} (the password the sweep was "
-                            "started with) to read it")
+        raise PostgresError(f"the sweep's PostgreSQL runs as {what} on {hostport(host, port)}; set "
+                            f"{PASSWORD_ENV} (the password the sweep was started with) to read it")
     return Credentials(host, port, DEFAULT_ROLE, password)
 
 
