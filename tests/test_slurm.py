@@ -279,20 +279,28 @@ def test_cancel_withdraws_every_job_and_the_next_sweep_recovers(
     pd.testing.assert_frame_equal(comparable(df), comparable(reference))
 
 
-def test_view_of_a_server_job_on_another_node_never_starts_a_second_server(
-    open_tmp: Path, short_movie: dict[str, Path], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """status/results must not start a local postmaster on the shared data directory."""
+def _server_job_elsewhere(spec: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The sweep's server job runs as job 4242 on node042 (as SLURM says), and this shell has no
+    ULTRACK_DB_PW: what a login node sees. Returns the workdir."""
     from gridsearch.backends import slurm_server as server
-    from gridsearch.engine import existing_ledger
-    from gridsearch.postgres import PostgresError
 
-    spec = write_spec(open_tmp, short_movie, name="slremote", grid=ONE, extra=SLURM)
     ws = load(spec).workdir
     (ws / "postgres").mkdir(parents=True)
     (ws / server.READY).write_text("4242 node042:5999\n")
     monkeypatch.setattr(server, "job_state", lambda job: "RUNNING")
     monkeypatch.delenv("ULTRACK_DB_PW", raising=False)
+    return ws
+
+
+def test_view_of_a_server_job_on_another_node_never_starts_a_second_server(
+    open_tmp: Path, short_movie: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """status/results must not start a local postmaster on the shared data directory."""
+    from gridsearch.engine import existing_ledger
+    from gridsearch.postgres import PostgresError
+
+    spec = write_spec(open_tmp, short_movie, name="slremote", grid=ONE, extra=SLURM)
+    ws = _server_job_elsewhere(spec, monkeypatch)
     with pytest.raises(PostgresError, match=r"SLURM job 4242 on node042:5999.*ULTRACK_DB_PW"), \
             existing_ledger(load(spec)):
         pass
@@ -310,16 +318,11 @@ def test_cancel_needs_no_password_on_a_login_node(
     withdraws by job name and leaves its request for the driver (it used to fail on the ledger)."""
     from click.testing import CliRunner
 
-    from gridsearch.backends import slurm_server as server
     from gridsearch.cli import main
     from gridsearch.workspace import Workspace
 
     spec = write_spec(open_tmp, short_movie, name="slcancelremote", grid=ONE, extra=SLURM)
-    ws = load(spec).workdir
-    (ws / "postgres").mkdir(parents=True)
-    (ws / server.READY).write_text("4242 node042:5999\n")
-    monkeypatch.setattr(server, "job_state", lambda job: "RUNNING")
-    monkeypatch.delenv("ULTRACK_DB_PW", raising=False)
+    ws = _server_job_elsewhere(spec, monkeypatch)
     r = CliRunner().invoke(main, ["cancel", str(spec)])
     assert r.exit_code == 0 and "cancelled 0 job(s)" in r.output, r.output
     assert Workspace(ws).cancel_request.exists()
