@@ -102,3 +102,13 @@ def test_stop_flag_turns_a_signal_into_an_event() -> None:
     with stop_flag((signal.SIGUSR1,)) as stop:
         os.kill(os.getpid(), signal.SIGUSR1)
         assert stop.wait(5)
+
+
+def test_pgpass_holds_the_password_privately_and_reads_it_back(tmp_path: Path) -> None:
+    from gridsearch.core.secrets import read_pgpass, without_secrets, write_pgpass
+
+    for password in ("plain", r"a:b\c:\\d", "ends with \\"):
+        path = write_pgpass(tmp_path / "secrets" / "pgpass", password)
+        assert read_pgpass(path) == password
+        assert (path.stat().st_mode & 0o777) == 0o600 and (path.parent.stat().st_mode & 0o777) == 0o700
+    assert without_secrets({"PGPASSWORD": "x", "ULTRACK_DB_PW": "y", "HOME": "/h"}) == {"HOME": "/h"}

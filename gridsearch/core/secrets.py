@@ -7,6 +7,7 @@ need the password get a libpq pgpass file (0600, in a 0700 directory) instead.""
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -37,18 +38,7 @@ def write_pgpass(path: Path, password: str, user: str = "*") -> Path:
 
 
 def read_pgpass(path: Path) -> str:
-    """The password of a file written by ``write_pgpass`` (its one line's last field)."""
+    """The password of a file written by ``write_pgpass``: its one line's last field, unescaped."""
     line = path.read_text().splitlines()[0]
-    fields, cur, i = [], "", 0
-    while i < len(line):
-        if line[i] == "\\" and i + 1 < len(line):
-            cur += line[i + 1]
-            i += 2
-            continue
-        if line[i] == ":":
-            fields.append(cur)
-            cur = ""
-        else:
-            cur += line[i]
-        i += 1
-    return cur
+    fields = re.split(r"(?<!\\):", line.replace("\\\\", "\0"))
+    return fields[-1].replace("\\:", ":").replace("\0", "\\")
