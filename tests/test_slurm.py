@@ -499,3 +499,61 @@ def test_forgotten_tasks_and_empty_batches_are_done_when_acknowledged(
         [real, "-h", "-t", "all", "-n", names, "-o", "%i|%T|"], capture_output=True, text=True).stdout
     tracks = pd.read_csv(got.tracks_csv.iloc[0])
     assert tracks.t.max() == 2
+
+
+UNSURE_SBATCH = """#!/bin/bash
+# sbatch on a busy cluster, once per stage named in {flags}: for 'link' the request reaches
+# slurmctld but its answer does not; for 'solve' neither does (sbatch says the same both times)
+for stage in link solve; do
+  if [[ "$*" == *"-$stage "* ]] && mkdir {flags}/$stage 2>/dev/null; then
+    [[ $stage == link ]] && {real} "$@" >/dev/null
+    echo "sbatch: error: Batch job submission failed: Socket timed out on send/recv operation" >&2
+    exit 1
+  fi
+done
+exec {real} "$@"
+"""
+
+
+@cluster
+def test_unsure_sbatch_is_reconciled_by_tag_and_strays_are_cancelled(
+    open_tmp: Path, short_movie: dict[str, Path], reference: pd.DataFrame
+) -> None:
+    """sbatch times out after submitting (the array is adopted, not submitted twice), times out
+    without submitting (submitted again), and an array with the sweep's name that no driver
+    recorded (a driver killed between sbatch and its ledger write) is cancelled before anything
+    runs. The results equal the plain run and every array that ran is one the ledger knows."""
+    spec = write_spec(open_tmp, short_movie, name="slunsure", grid=GRID, extra=SLURM)
+    real = shutil.which("sbatch")
+    bin_dir, flags = open_tmp / "bin", open_tmp / "flags"
+    bin_dir.mkdir()
+    flags.mkdir()
+    (bin_dir / "sbatch").write_text(UNSURE_SBATCH.format(flags=flags, real=real))
+    (bin_dir / "sbatch").chmod(0o755)
+    segment = next(n for n in job_names(load(spec)) if n.endswith("-segment"))
+    stray = subprocess.run(["sbatch", "--parsable", "--hold", f"--job-name={segment}", "--array=0-1",
+                            "-o", "/dev/null", "--wrap", "sleep 600"],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    proc = _sweep(spec, {"PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    try:
+        out, err = proc.communicate(timeout=400)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        subprocess.run(["scancel", stray])
+        _stop_server(spec)
+    assert proc.returncode == 0, err
+    assert sorted(p.name for p in flags.iterdir()) == ["link", "solve"], "the wrapper never fired"
+    df, rows = _ledger(spec)
+    pd.testing.assert_frame_equal(comparable(df), comparable(reference))
+    # every array of the sweep's names that SLURM ran is one the ledger recorded, each step once
+    names = ",".join(job_names(load(spec)))
+    seen = subprocess.run(["squeue", "-h", "-t", "all", "-n", names, "-o", "%F|%j|%T"],
+                          capture_output=True, text=True, check=True).stdout.split()
+    arrays = {line.split("|")[0]: line for line in seen if "-server|" not in line}
+    assert set(arrays) == set(rows.job_id) | {stray}, seen
+    assert "CANCELLED" in arrays[stray], seen
+    assert set(rows.attempt) == {0} and sorted(rows.stage).count("link") == 1, rows
+    state = subprocess.run(["squeue", "-h", "-t", "all", "-j", stray, "-o", "%T"],
+                           capture_output=True, text=True).stdout.split()
+    assert set(state) == {"CANCELLED"}, state

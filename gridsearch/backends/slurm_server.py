@@ -60,7 +60,7 @@ def live_server(ws: Workspace) -> tuple[str, str, int] | None:
     return got
 
 
-def submit_server(sweep: Sweep, ws: Workspace, password: str) -> str:
+def submit_server(sweep: Sweep, ws: Workspace, password: str, notify: Callable[[str], None] = ignore) -> str:
     """The password goes to the job in libpq's pgpass file, never its saved environment."""
     ex = sweep.executor
     passfile = write_pgpass(ws.pgpass, password)
@@ -68,7 +68,7 @@ def submit_server(sweep: Sweep, ws: Workspace, password: str) -> str:
            "--ready", str(ws.root / READY), "--dbs", ",".join(sweep_dbs(sweep)),
            "--workers", str(ex.max_parallel), "--passfile", str(passfile)]
     env = {"PGPASSFILE": str(passfile)}
-    return submit_job(ex, SERVER, job_name(sweep, SERVER), cmd, JobPaths.of(ws), env)
+    return submit_job(ex, SERVER, job_name(sweep, SERVER), cmd, JobPaths.of(ws), env, notify)
 
 
 class _ServerWait:
@@ -154,7 +154,7 @@ def open_server_job(sweep: Sweep, ws: Workspace,
     if job_id is None:
         (ws.root / READY).unlink(missing_ok=True)
         forget_ended_owner(ws)
-        job_id = submit_server(sweep, ws, password)
+        job_id = submit_server(sweep, ws, password, notify)
     interrupted = False
     try:
         host, port = wait_ready(ws, job_id, notify)

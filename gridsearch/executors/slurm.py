@@ -72,9 +72,24 @@ class SlurmExecutor(Executor):
         withdrawn += [r for r in mine if runs.get(Stage.parse(r.stage)) != r.run_id
                       or r.frames_per_batch != self.frames_per_batch]
         self._withdraw(withdrawn)
+        stray = self._cancel_strays({r.job_id for r in active})
         if not runs:  # the engine clears the database next: nothing withdrawn may still be writing
-            gateway.wait_all_gone(sorted({r.job_id for r in withdrawn}))
+            gateway.wait_all_gone(sorted({r.job_id for r in withdrawn} | stray))
         return runs
+
+    def _cancel_strays(self, known: set[str]) -> set[str]:
+        """Arrays bearing this sweep's names that the ledger never recorded: submitted by a driver
+        killed before it could record them, or queued by an sbatch that reported a failure. They
+        would write into the database unwatched: cancelled before anything else runs."""
+        stages = [job_name(self.ctx.sweep, s.label) for s in Stage]
+        live = gateway.patiently(lambda: gateway.live_jobs(stages), gateway.PATIENCE_S,
+                                 self.ctx.notify, "squeue")
+        stray = set(live) - known
+        if stray:
+            self.ctx.notify(f"cancelling {len(stray)} array(s) of this sweep that no driver recorded: "
+                            f"{', '.join(sorted(stray))}")
+            gateway.scancel_ids(sorted(stray))
+        return stray
 
     # ---- run --------------------------------------------------------------------------------------
     def run(self, jobs: Sequence[StageJob], events: Events) -> None:
@@ -135,7 +150,7 @@ class SlurmExecutor(Executor):
             request = gateway.ArrayRequest(
                 job_name(self.ctx.sweep, step.stage.label), step.stage.label, indices, offset, worker_args,
                 self.paths.logs, self.paths.scripts, after)
-            job_id = gateway.submit_array(request, self.spec, self.job_env)
+            job_id = gateway.submit_array(request, self.spec, self.job_env, self.ctx.notify)
             self.submissions += 1
             row_id = self.store.add(key, step.stage.label, step.phase, job_id, compact(indices), offset,
                                     submission.attempt, job.run_id, self.frames_per_batch)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 
+from gridsearch.core.errors import ignore
 from gridsearch.core.files import atomic_write
 from gridsearch.slurm import gateway, job_names
 from gridsearch.spec import Sweep
@@ -16,7 +17,7 @@ def cancel_sweep(sweep: Sweep, ws: Workspace) -> int:
     """The request first (a driver must not resubmit what is being cancelled), then one scancel
     by the sweep's job names. Returns how many jobs were live."""
     names = job_names(sweep)
-    live = gateway.live_jobs(names)
+    live = gateway.patiently(lambda: gateway.live_jobs(names), 60, ignore, "squeue")
     if ws.root.exists():
         atomic_write(ws.cancel_request, f"{time.time():.0f}\n")
     gateway.scancel_names(names)

@@ -13,6 +13,7 @@ import shlex
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import TypeVar
 
 import tenacity
 
-from gridsearch.core.errors import Unavailable, first_line, ignore
+from gridsearch.core.errors import GridsearchError, Unavailable, first_line, ignore
 from gridsearch.core.files import atomic_write
 from gridsearch.core.secrets import without_secrets
 from gridsearch.core.waiting import wait_until
@@ -54,8 +55,9 @@ class SlurmError(RuntimeError):
     """A SLURM command failed; the message is its first line of output."""
 
 
-class SbatchError(SlurmError):
-    """sbatch refused a submission."""
+class SbatchError(SlurmError, GridsearchError):
+    """sbatch refused a submission (a partition, account or limit): every trial would meet the same
+    refusal, so the sweep stops with it, resumable once the sweep file or the cluster is fixed."""
 
 
 @dataclass
@@ -123,35 +125,87 @@ def job_script(command: Sequence[str], setup: Sequence[str]) -> str:
     return "\n".join(["#!/bin/bash", "set -e", *setup, "exec " + shlex.join(command), ""])
 
 
-def _sbatch(argv: list[str], body: str, name: str, env: Mapping[str, str]) -> str:
-    """Never retried: an sbatch that timed out may have queued the job all the same. The job's
-    environment (--export=ALL: slurmctld saves it) is ours minus every secret, plus ``env``
-    (PGPASSFILE: libpq's password file on the shared filesystem)."""
-    try:
-        r = _run(argv, timeout=120, stdin=body, env={**without_secrets(), **env})
-    except SlurmError as e:
-        raise SbatchError(f"sbatch for {name}: {e}") from None
-    if r.returncode != 0:
-        raise SbatchError(f"sbatch for {name} failed: {first_line(r.stderr or r.stdout)}")
-    return r.stdout.strip().split(";")[0]
+# sbatch's words for "slurmctld did not answer in time": the job may exist all the same
+_TRANSIENT = re.compile(r"timed out|did not answer|unable to contact|temporarily|try again|"
+                        r"zero bytes were transmitted|connection refused", re.IGNORECASE)
+_RECONCILE_S = 20.0  # how long a job sbatch was unsure about may take to show in squeue
 
 
-def submit_array(req: ArrayRequest, spec: ExecutorSpec, env: Mapping[str, str] | None = None) -> str:
+class _NotSubmitted(SlurmError):
+    """sbatch failed transiently and no job carries its tag: submitting again is safe."""
+
+
+def _sbatch(argv: list[str], body: str, name: str, env: Mapping[str, str],
+            notify: Callable[[str], None] = ignore) -> str:
+    """Submit, tagged so that the job can be found by name when sbatch cannot say: an sbatch that
+    timed out may have queued the job all the same (slurmctld answers late), and submitting
+    again would leave an unknown array writing to the database. A transient failure is
+    reconciled by the tag, then retried like any scheduler outage; a refusal is final.
+
+    The job's environment (--export=ALL: slurmctld saves it) is ours minus every secret, plus
+    ``env`` (PGPASSFILE: libpq's password file on the shared filesystem)."""
+    tags: list[str] = []
+
+    def attempt() -> str:
+        tags.append(f"gridsearch:{uuid.uuid4().hex[:16]}")
+        r = None
+        try:
+            r = _run([argv[0], f"--comment={tags[-1]}", *argv[1:]], timeout=120, stdin=body,
+                     env={**without_secrets(), **env})
+            failure = "" if r.returncode == 0 else first_line(r.stderr or r.stdout)
+        except SlurmError as e:
+            failure = str(e)
+        if r is not None and not failure:
+            return r.stdout.strip().split(";")[0]
+        if not _TRANSIENT.search(failure):
+            raise SbatchError(f"sbatch for {name} failed: {failure}")
+        found = _tagged(name, tags, notify)
+        if found is None:
+            raise _NotSubmitted(f"sbatch for {name}: {failure}")
+        notify(f"sbatch for {name} reported '{failure}' but job {found} was queued: adopted")
+        return found
+
+    return patiently(attempt, PATIENCE_S, notify, f"sbatch for {name}")
+
+
+def _tagged(name: str, tags: Sequence[str], notify: Callable[[str], None]) -> str | None:
+    """The job carrying one of `tags` (a job sbatch was unsure about), looked for a little while:
+    slurmctld may still be processing the request that timed out."""
+
+    def lookup() -> str | None:
+        r = _run(["squeue", "-h", "-t", "all", "-n", name, "-o", "%F|%k"])
+        if r.returncode != 0:
+            raise SlurmError(f"squeue failed: {first_line(r.stderr or r.stdout)}")
+        ids = [job for job, _, tag in (ln.strip().partition("|") for ln in r.stdout.splitlines())
+               if tag in tags]
+        return ids[0] if ids else None
+
+    deadline = time.monotonic() + _RECONCILE_S
+    while True:
+        found = patiently(lookup, PATIENCE_S, notify, f"squeue for {name}")
+        if found is not None or time.monotonic() > deadline:
+            return found
+        time.sleep(2)
+
+
+def submit_array(req: ArrayRequest, spec: ExecutorSpec, env: Mapping[str, str] | None = None,
+                 notify: Callable[[str], None] = ignore) -> str:
     """Submit one stage array; returns its job id. The script is kept next to the logs."""
     paths = req.paths
     paths.logs.mkdir(parents=True, exist_ok=True)
     body = script(req, spec.setup)
-    job_id = _sbatch(sbatch_argv(req, spec), body, req.name, env or {})
+    job_id = _sbatch(sbatch_argv(req, spec), body, req.name, env or {}, notify)
     atomic_write(paths.script(req.stage, job_id), body)
     return job_id
 
 
 def submit_job(spec: ExecutorSpec, what: str, name: str, command: Sequence[str], paths: JobPaths,
-               env: Mapping[str, str] | None = None) -> str:
+               env: Mapping[str, str] | None = None, notify: Callable[[str], None] = ignore) -> str:
     """Submit a single job running `command` (the PostgreSQL server: what='server')."""
     paths.logs.mkdir(parents=True, exist_ok=True)
     body = job_script(command, spec.setup)
-    job_id = _sbatch(sbatch_options(name, what, spec, paths.job_output(what)), body, name, env or {})
+    job_id = _sbatch(sbatch_options(name, what, spec, paths.job_output(what)), body, name, env or {},
+                     notify)
     atomic_write(paths.script(what, job_id), body)
     return job_id
 
@@ -180,6 +234,8 @@ def scancel_names(names: Sequence[str]) -> None:
 def live_jobs(names: Sequence[str]) -> list[str]:
     """Job ids (array ids once) of the named jobs still queued or running."""
     r = _run(["squeue", "-h", "-n", ",".join(names), "-o", "%F|%T"])
+    if r.returncode != 0:
+        raise SlurmError(f"squeue failed: {first_line(r.stderr or r.stdout)}")
     return sorted({job for job, _, state in (ln.strip().partition("|") for ln in r.stdout.splitlines())
                    if job and state in LIVE_STATES})
 
@@ -211,13 +267,18 @@ def patiently(call: Callable[[], T], patience: float, notify: Callable[[str], No
                    f"({state.seconds_since_start:.0f} s of {patience:.0f} s)")
 
     try:
-        return tenacity.Retrying(retry=tenacity.retry_if_exception_type(SlurmError),
+        return tenacity.Retrying(retry=tenacity.retry_if_exception(_outage),
                                  stop=tenacity.stop_after_delay(patience),
                                  wait=tenacity.wait_exponential(multiplier=1, max=30),
                                  before_sleep=tell, reraise=True)(call)
     except SlurmError as e:
         raise Unavailable(f"{what}: the scheduler did not answer for {patience:.0f} s ({e}); the sweep "
                           "stopped and its jobs stay queued: run the same command again to resume") from None
+
+
+def _outage(e: BaseException) -> bool:
+    """A scheduler that did not answer, not one that said no."""
+    return isinstance(e, SlurmError) and not isinstance(e, SbatchError)
 
 
 def job_state(job_id: str) -> str:
