@@ -64,7 +64,10 @@ class _Group(click.Group):
                 fail(f"no space left on device ({full}); free some and run the same command to resume",
                      EXIT_FAILED)
             if isinstance(e, sqlalchemy.exc.OperationalError):
-                fail(f"database error: {first_line(e.orig if e.orig is not None else e)}", EXIT_FAILED)
+                cause = first_line(e.orig if e.orig is not None else e)
+                sweeping = ctx.invoked_subcommand == "sweep"
+                resume = "; the sweep stopped: run it again to resume" if sweeping else ""
+                fail(f"database error: {cause}{resume}", EXIT_FAILED)
             _crash(e)
 
 

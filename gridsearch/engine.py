@@ -12,6 +12,8 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy as sa
+
 from gridsearch import executors, results
 from gridsearch.backends import open_backend
 from gridsearch.core.errors import GridsearchError, one_line
@@ -204,8 +206,8 @@ class _Driver:
                 data = self.sweep.file
                 figures, metrics = results.export_trial(config_path, tdir, self.sweep.shape[0],
                                                         data.data.ground_truth, data.keep_label_images)
-        except GridsearchError:
-            raise  # cancelled, or a service down: the sweep stops, the trial stays resumable
+        except (GridsearchError, sa.exc.OperationalError):
+            raise  # cancelled, or a service down (the database server): the sweep stops, resumable
         except Exception as e:  # a stage, the clear or the export failed: this trial, not the sweep
             reason = str(e) if isinstance(e, StageFailed) else one_line(e)
             events.failed(reason)

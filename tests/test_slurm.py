@@ -536,7 +536,7 @@ def test_unsure_sbatch_is_reconciled_by_tag_and_strays_are_cancelled(
                            capture_output=True, text=True, check=True).stdout.strip()
     proc = _sweep(spec, {"PATH": f"{bin_dir}:{os.environ['PATH']}"})
     try:
-        out, err = proc.communicate(timeout=400)
+        _out, err = proc.communicate(timeout=400)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -557,3 +557,38 @@ def test_unsure_sbatch_is_reconciled_by_tag_and_strays_are_cancelled(
     state = subprocess.run(["squeue", "-h", "-t", "all", "-j", stray, "-o", "%T"],
                            capture_output=True, text=True).stdout.split()
     assert set(state) == {"CANCELLED"}, state
+
+
+@cluster
+def test_server_killed_mid_stage_stops_in_one_line_and_resumes(
+    open_tmp: Path, short_movie: dict[str, Path], reference: pd.DataFrame
+) -> None:
+    """The server job SIGKILLed while link tasks write: no trial is recorded failed (a database
+    gone is not the parameters' fault), the sweep stops in one line, and the same command starts
+    a new server job on the same data directory (PostgreSQL recovers it) and finishes."""
+    spec = write_spec(open_tmp, short_movie, name="slskill", grid=GRID, extra=SLURM)
+    proc = _sweep(spec)
+    try:
+        _wait_for_link(spec, proc, running=True)
+        server = next(j.split("|")[0] for j in _live(spec) if j.endswith("-server"))
+        subprocess.run(["scancel", "-s", "KILL", "--full", server], check=True)
+        _out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 1, err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: database error: "), err
+        assert "run it again to resume" in lines[0], err
+        resumed = _sweep(spec)
+        _out, err = resumed.communicate(timeout=400)
+    finally:
+        for p in (proc, locals().get("resumed")):
+            if p is not None and p.poll() is None:
+                p.kill()
+        _stop_server(spec)
+    assert resumed.returncode == 0, err
+    df, rows = _ledger(spec)
+    pd.testing.assert_frame_equal(comparable(df), comparable(reference))
+    with existing_ledger(load(spec)) as led:
+        assert led is not None
+        runs = pd.DataFrame(led.stage_runs())
+    assert "failed" not in set(runs.state), runs
+    assert (runs[runs.stage == "segment"].state == "done").sum() == 1, runs  # kept, not redone

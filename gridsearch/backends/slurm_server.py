@@ -106,8 +106,10 @@ class _ServerWait:
         if (state, reason) == self.said and time.monotonic() - self.said_at < 300:
             return
         position = queue_position(self.job_id)
-        where = f", position {position} in the queue" if position else ""
-        self.notify(f"PostgreSQL server job {self.job_id} is {state} ({reason}{where}); waiting")
+        why = [] if reason in ("", "None") else [reason]  # SLURM's "None": not yet considered
+        why += [f"position {position} in the queue"] if position else []
+        self.notify(f"PostgreSQL server job {self.job_id} is {state}"
+                    + (f" ({', '.join(why)})" if why else "") + "; waiting")
         self.said, self.said_at = (state, reason), time.monotonic()
 
 

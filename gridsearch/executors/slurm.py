@@ -72,19 +72,19 @@ class SlurmExecutor(Executor):
         withdrawn += [r for r in mine if runs.get(Stage.parse(r.stage)) != r.run_id
                       or r.frames_per_batch != self.frames_per_batch]
         self._withdraw(withdrawn)
-        stray = self._cancel_strays({r.job_id for r in active})
+        stray = self._cancel_strays()
         if not runs:  # the engine clears the database next: nothing withdrawn may still be writing
             gateway.wait_all_gone(sorted({r.job_id for r in withdrawn} | stray))
         return runs
 
-    def _cancel_strays(self, known: set[str]) -> set[str]:
+    def _cancel_strays(self) -> set[str]:
         """Arrays bearing this sweep's names that the ledger never recorded: submitted by a driver
         killed before it could record them, or queued by an sbatch that reported a failure. They
         would write into the database unwatched: cancelled before anything else runs."""
         stages = [job_name(self.ctx.sweep, s.label) for s in Stage]
         live = gateway.patiently(lambda: gateway.live_jobs(stages), gateway.PATIENCE_S,
                                  self.ctx.notify, "squeue")
-        stray = set(live) - known
+        stray = set(live) - self.store.job_ids()
         if stray:
             self.ctx.notify(f"cancelling {len(stray)} array(s) of this sweep that no driver recorded: "
                             f"{', '.join(sorted(stray))}")

@@ -53,6 +53,11 @@ class JobStore:
         with self.engine.connect() as c:
             return [JobRow(**dict(r)) for r in c.execute(q).mappings()]
 
+    def job_ids(self) -> set[str]:
+        """Every job id the ledger ever recorded for this sweep."""
+        with self.engine.connect() as c:
+            return set(c.execute(sa.select(slurm_job_t.c.job_id).distinct()).scalars())
+
     def close(self, ids: list[int]) -> None:
         """Active rows only: a `gridsearch cancel` that marked one meanwhile must stay visible."""
         if ids:
