@@ -501,64 +501,6 @@ def test_forgotten_tasks_and_empty_batches_are_done_when_acknowledged(
     assert tracks.t.max() == 2
 
 
-UNSURE_SBATCH = """#!/bin/bash
-# sbatch on a busy cluster, once per stage named in {flags}: for 'link' the request reaches
-# slurmctld but its answer does not; for 'solve' neither does (sbatch says the same both times)
-for stage in link solve; do
-  if [[ "$*" == *"-$stage "* ]] && mkdir {flags}/$stage 2>/dev/null; then
-    [[ $stage == link ]] && {real} "$@" >/dev/null
-    echo "sbatch: error: Batch job submission failed: Socket timed out on send/recv operation" >&2
-    exit 1
-  fi
-done
-exec {real} "$@"
-"""
-
-
-@cluster
-def test_unsure_sbatch_is_reconciled_by_tag_and_strays_are_cancelled(
-    open_tmp: Path, short_movie: dict[str, Path], reference: pd.DataFrame
-) -> None:
-    """sbatch times out after submitting (the array is adopted, not submitted twice), times out
-    without submitting (submitted again), and an array with the sweep's name that no driver
-    recorded (a driver killed between sbatch and its ledger write) is cancelled before anything
-    runs. The results equal the plain run and every array that ran is one the ledger knows."""
-    spec = write_spec(open_tmp, short_movie, name="slunsure", grid=GRID, extra=SLURM)
-    real = shutil.which("sbatch")
-    bin_dir, flags = open_tmp / "bin", open_tmp / "flags"
-    bin_dir.mkdir()
-    flags.mkdir()
-    (bin_dir / "sbatch").write_text(UNSURE_SBATCH.format(flags=flags, real=real))
-    (bin_dir / "sbatch").chmod(0o755)
-    segment = next(n for n in job_names(load(spec)) if n.endswith("-segment"))
-    stray = subprocess.run(["sbatch", "--parsable", "--hold", f"--job-name={segment}", "--array=0-1",
-                            "-o", "/dev/null", "--wrap", "sleep 600"],
-                           capture_output=True, text=True, check=True).stdout.strip()
-    proc = _sweep(spec, {"PATH": f"{bin_dir}:{os.environ['PATH']}"})
-    try:
-        _out, err = proc.communicate(timeout=400)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        subprocess.run(["scancel", stray])
-        _stop_server(spec)
-    assert proc.returncode == 0, err
-    assert sorted(p.name for p in flags.iterdir()) == ["link", "solve"], "the wrapper never fired"
-    df, rows = _ledger(spec)
-    pd.testing.assert_frame_equal(comparable(df), comparable(reference))
-    # every array of the sweep's names that SLURM ran is one the ledger recorded, each step once
-    names = ",".join(job_names(load(spec)))
-    seen = subprocess.run(["squeue", "-h", "-t", "all", "-n", names, "-o", "%F|%j|%T"],
-                          capture_output=True, text=True, check=True).stdout.split()
-    arrays = {line.split("|")[0]: line for line in seen if "-server|" not in line}
-    assert set(arrays) == set(rows.job_id) | {stray}, seen
-    assert "CANCELLED" in arrays[stray], seen
-    assert set(rows.attempt) == {0} and sorted(rows.stage).count("link") == 1, rows
-    state = subprocess.run(["squeue", "-h", "-t", "all", "-j", stray, "-o", "%T"],
-                           capture_output=True, text=True).stdout.split()
-    assert set(state) == {"CANCELLED"}, state
-
-
 @cluster
 def test_server_killed_mid_stage_stops_in_one_line_and_resumes(
     open_tmp: Path, short_movie: dict[str, Path], reference: pd.DataFrame
@@ -592,3 +534,99 @@ def test_server_killed_mid_stage_stops_in_one_line_and_resumes(
         runs = pd.DataFrame(led.stage_runs())
     assert "failed" not in set(runs.state), runs
     assert (runs[runs.stage == "segment"].state == "done").sum() == 1, runs  # kept, not redone
+
+
+
+UNSURE_SBATCH = """#!/bin/bash
+# sbatch on a busy cluster, once per stage named in {flags}: for 'link' the request reaches
+# slurmctld but its answer does not; for 'solve' neither does (sbatch says the same both times).
+# Every job really submitted is logged to {log}.
+for stage in link solve; do
+  if [[ "$*" == *"-$stage "* ]] && mkdir {flags}/$stage 2>/dev/null; then
+    [[ $stage == link ]] && {real} "$@" >>{log}
+    echo "sbatch: error: Batch job submission failed: Socket timed out on send/recv operation" >&2
+    exit 1
+  fi
+done
+out=$({real} "$@") || exit $?
+echo "$out" >>{log}
+echo "$out"
+"""
+HARSH = """
+database: {{kind: postgresql, managed: true}}
+executor:
+  kind: slurm
+  max_parallel: 2
+  poll_seconds: 1
+  stages: {{link: {{time: "00:01:00"}}}}
+  setup:  # link batch 1 stalls past its time limit once (SLURM kills it: TIMEOUT)
+    - 'if [[ $SLURM_JOB_NAME == *-link && $SLURM_ARRAY_TASK_ID == 1 ]] && mkdir {once}; then sleep 600; fi'
+"""
+
+
+def _slurm_conf(key: str, value: str) -> str:
+    """Set one slurm.conf key and reconfigure slurmctld; returns the old value."""
+    conf = Path("/etc/slurm/slurm.conf")
+    text = conf.read_text()
+    old = next(ln for ln in text.splitlines() if ln.startswith(f"{key}="))
+    conf.write_text(text.replace(old, f"{key}={value}"))
+    subprocess.run(["scontrol", "reconfigure"], check=True, capture_output=True)
+    return old.split("=", 1)[1]
+
+
+@cluster
+def test_a_harsh_cluster_forgets_times_out_drains_and_answers_sbatch_late(
+    open_tmp: Path, short_movie: dict[str, Path], reference: pd.DataFrame
+) -> None:
+    """One sweep, the faults of a busy real cluster at once:
+    - slurmctld forgets finished jobs after 2 s (MinJobAge, no accounting);
+    - sbatch times out after submitting the link array (adopted by its tag, not submitted twice)
+      and times out without submitting a solve array (submitted again);
+    - an array bearing the sweep's name that no driver recorded (a driver killed between sbatch
+      and its ledger write) is cancelled before anything runs;
+    - a link task is killed by its time limit: that batch alone is resubmitted;
+    - the only node is drained for a while mid-sweep.
+    The results equal the plain run; every job SLURM ran is one the ledger knows."""
+    once = open_tmp / "stalled-once"
+    spec = write_spec(open_tmp, short_movie, name="slharsh", grid=GRID, extra=HARSH.format(once=once))
+    bin_dir, flags, log = open_tmp / "bin", open_tmp / "flags", open_tmp / "submitted"
+    bin_dir.mkdir()
+    flags.mkdir()
+    (bin_dir / "sbatch").write_text(UNSURE_SBATCH.format(flags=flags, log=log, real=shutil.which("sbatch")))
+    (bin_dir / "sbatch").chmod(0o755)
+    segment = next(n for n in job_names(load(spec)) if n.endswith("-segment"))
+    stray = subprocess.run(["sbatch", "--parsable", "--hold", f"--job-name={segment}", "--array=0-1",
+                            "-o", "/dev/null", "--wrap", "sleep 600"],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    old_age = _slurm_conf("MinJobAge", "2")
+    proc = _sweep(spec, {"PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    try:
+        _wait_for_link(spec, proc, running=False)
+        _node("drain")
+        time.sleep(10)
+        assert proc.poll() is None, proc.communicate()[1]
+        _node("resume")
+        _out, err = proc.communicate(timeout=500)
+        stray_state = subprocess.run(["squeue", "-h", "-t", "all", "-j", stray, "-o", "%T"],
+                                     capture_output=True, text=True).stdout.split()
+    finally:
+        _node("resume", check=False)
+        _slurm_conf("MinJobAge", old_age)
+        if proc.poll() is None:
+            proc.kill()
+        subprocess.run(["scancel", stray])
+        _stop_server(spec)
+    assert proc.returncode == 0, err
+    assert once.exists() and sorted(p.name for p in flags.iterdir()) == ["link", "solve"], "no fault fired"
+    assert stray_state in ([], ["CANCELLED"]), stray_state  # cancelled (and maybe forgotten since)
+    df, rows = _ledger(spec)
+    pd.testing.assert_frame_equal(comparable(df), comparable(reference))
+    retried = rows[rows.attempt > 0]
+    assert list(retried.stage) == ["link"] and list(retried.indices) == ["1"], rows
+    scripts = load(spec).workdir / "logs" / "slurm" / "scripts"
+    server = {p.stem.split("-")[1] for p in scripts.glob("server-*.sh")}
+    assert set(log.read_text().split()) == set(rows.job_id) | server, (log.read_text(), rows)
+    # slurmctld really forgot: the first segment array is unknown to it now
+    gone = subprocess.run(["squeue", "-h", "-t", "all", "-j", rows.job_id.iloc[0]],
+                          capture_output=True, text=True)
+    assert gone.stdout.strip() == "", gone.stdout

@@ -108,6 +108,8 @@ class GiveUp:
             return "COMPLETED without its worker's acknowledgement"
         if self.state.state == UNKNOWN:
             return "gone from SLURM without its worker's acknowledgement"
+        if self.state.state == "TIMEOUT":
+            return f"TIMEOUT: it hit its time limit; raise executor.stages.{self.stage.label}.time"
         reason = self.state.reason
         return self.state.state + (f" ({reason})" if reason and reason != "None" else "")
 
