@@ -139,9 +139,10 @@ def test_slurm_sweep_matches_sqlite_and_leaves_queue_empty(
 def test_kill_driver_then_reattach(
     open_tmp: Path, short_movie: dict[str, Path], reference: pd.DataFrame
 ) -> None:
+    """No ULTRACK_DB_PW: queued tasks keep the random password they were submitted with; the next
+    driver reads it from the password file its predecessor left and re-attaches them."""
     spec = write_spec(open_tmp, short_movie, name="slkill", grid=GRID, extra=SLURM)
-    # queued tasks keep the password they were submitted with: it must survive the driver
-    pw = {"ULTRACK_DB_PW": "pw-" + os.urandom(8).hex()}
+    pw = {"ULTRACK_DB_PW": ""}
     proc = _sweep(spec, pw)
     try:
         _wait_for_link(spec, proc, running=True)

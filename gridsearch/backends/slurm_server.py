@@ -27,7 +27,7 @@ from gridsearch.backends.postgres import (
 )
 from gridsearch.core.errors import ignore
 from gridsearch.core.files import tail
-from gridsearch.core.secrets import write_pgpass
+from gridsearch.core.secrets import read_pgpass, write_pgpass
 from gridsearch.core.waiting import wait_until
 from gridsearch.postgres import DEFAULT_ROLE, PASSWORD_ENV, Credentials, ExternalServer, PostgresError, owner
 from gridsearch.postgres.serve import read_ready
@@ -120,17 +120,20 @@ def wait_ready(ws: Workspace, job_id: str, notify: Callable[[str], None] = ignor
     return got
 
 
-def _reusable_job(ws: Workspace, user_pw: str | None) -> str | None:
-    """A live server job of an earlier driver, re-used only with the user's fixed password (a
-    fresh random one could not log in to it); otherwise it is cancelled."""
+def _reusable_job(ws: Workspace, user_pw: str | None) -> tuple[str, str] | None:
+    """(job id, password) of a live server job of an earlier driver (one killed, or reaped on a
+    login node): re-used with the user's fixed password, else with the one the earlier driver
+    left in libpq's password file for its jobs, so that its queued arrays are re-attached, not
+    redone. A job neither opens is cancelled."""
     got = read_ready(ws.root / READY)
     if got is None or job_state(got[0]) != "RUNNING":
         return None
-    if not user_pw:
+    password = user_pw or (read_pgpass(ws.pgpass) if ws.pgpass.exists() else None)
+    if not password:
         scancel_ids([got[0]])
         wait_gone(got[0])  # its server stops and withdraws its owner record before a new one starts
         return None
-    return got[0]
+    return got[0], password
 
 
 def forget_ended_owner(ws: Workspace) -> bool:
@@ -150,9 +153,9 @@ def open_server_job(sweep: Sweep, ws: Workspace,
     """The sweep's Backend on a server that runs as a SLURM job (started here or re-used)."""
     (ws.root / "postgres").mkdir(parents=True, exist_ok=True)
     user_pw = os.environ.get(PASSWORD_ENV)
-    job_id = _reusable_job(ws, user_pw)
-    reused = job_id is not None
-    password = user_pw or secrets.token_urlsafe(24)
+    reusable = _reusable_job(ws, user_pw)
+    reused = reusable is not None
+    job_id, password = reusable or (None, user_pw or secrets.token_urlsafe(24))
     if job_id is None:
         (ws.root / READY).unlink(missing_ok=True)
         forget_ended_owner(ws)
