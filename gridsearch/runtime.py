@@ -14,7 +14,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from gridsearch.stages import Stage
+from gridsearch.rerun import Batch, clear_batch
+from gridsearch.stages import Stage, batch_count
 
 
 @contextlib.contextmanager
@@ -88,33 +89,43 @@ def release_connections() -> None:
         _ENGINES.pop().dispose()
 
 
-def run_batch(
-    stage: Stage, config_path: str | Path, batch: int | None, foreground: str, contours: str
-) -> None:
-    """batch None: the whole stage. Out-of-range link indices are a no-op: an array sized from the
-    movie's shape may hold one more batch than a movie whose last frames are empty needs."""
+def run_batch(stage: Stage, config_path: str | Path, batch: int | None, run_id: int, foreground: str,
+              contours: str) -> None:
+    """batch None: the whole stage. The batch's own rows are cleared first (a re-run ends as a clean
+    run: gridsearch.rerun); `run_id`, the stage run, keys what a solve window saves for its re-runs."""
     prepare_ultrack()
     try:
-        _run(stage, config_path, batch, foreground, contours)
+        _run(stage, config_path, batch, run_id, foreground, contours)
     finally:
         release_connections()
 
 
-def _run(stage: Stage, config_path: str | Path, batch: int | None, foreground: str, contours: str) -> None:
+def _run(stage: Stage, config_path: str | Path, batch: int | None, run_id: int, foreground: str,
+         contours: str) -> None:
     import ultrack
 
     cfg = load_config(config_path)
+    if batch is not None and _past_database(stage, cfg, batch):
+        return
+    clear_batch(cfg.data_config.database_path, Batch.of(stage, batch, run_id, cfg))
     if stage == Stage.SEGMENT:
         ultrack.segment(_array(foreground), _array(contours), cfg, batch_index=batch)
     elif stage == Stage.LINK:
-        from ultrack.core.database import maximum_time_from_database
-
-        max_t = maximum_time_from_database(cfg.data_config)
-        if batch is not None and batch * cfg.linking_config.n_workers >= max_t:
-            return
         ultrack.link(cfg, batch_index=batch)
     else:
         ultrack.solve(cfg, batch_index=batch)
+
+
+def _past_database(stage: Stage, cfg: Any, batch: int) -> bool:
+    """Link and solve batches are planned from the movie's length, ultrack counts them from the
+    database's last frame with nodes: when the movie's last frames have no cells, the batches past
+    ultrack's count have nothing to do (ultrack would fail on their index)."""
+    if stage == Stage.SEGMENT:
+        return False
+    from ultrack.core.database import maximum_time_from_database
+
+    last = maximum_time_from_database(cfg.data_config)
+    return batch >= batch_count(stage, last, cfg.linking_config.n_workers, cfg.tracking_config.window_size)
 
 
 @lru_cache(maxsize=4)

@@ -88,6 +88,19 @@ def start_label(stage: Stage | None) -> str:
     return "export" if stage is None else stage.label
 
 
+def batch_count(stage: Stage, last_frame: int, frames_per_batch: int, window_size: int | None) -> int:
+    """How many batches ultrack's own loops make of a stage whose last frame with nodes is
+    `last_frame` (ultrack reads it from the database: `max(nodes.t)`, see SQLTracking.num_batches).
+
+    Planned from the movie's length, this is the most there can be: a movie whose last frames have
+    no cells leaves fewer, and the batches past ultrack's count have nothing to do."""
+    if stage == Stage.SEGMENT:
+        return math.ceil((last_frame + 1) / frames_per_batch)
+    if stage == Stage.LINK:
+        return math.ceil(last_frame / frames_per_batch)
+    return math.ceil(last_frame / (window_size or last_frame + 1))
+
+
 def stage_phases(
     stage: Stage, n_frames: int, frames_per_batch: int, window_size: int | None
 ) -> list[list[int]]:
@@ -95,11 +108,9 @@ def stage_phases(
 
     segment: batch 0 creates the tables, then the rest; link: all at once; solve: even windows, then
     odd (measured: running them together gives different results)."""
-    max_t = n_frames - 1
+    n = batch_count(stage, n_frames - 1, frames_per_batch, window_size)
     if stage == Stage.SEGMENT:
-        n = math.ceil(n_frames / frames_per_batch)
         return [[0], list(range(1, n))] if n > 1 else [[0]]
     if stage == Stage.LINK:
-        return [list(range(math.ceil(max_t / frames_per_batch)))]
-    n = 1 if not window_size else math.ceil(max_t / window_size)
+        return [list(range(n))]
     return [p for p in (list(range(0, n, 2)), list(range(1, n, 2))) if p]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,6 +9,7 @@ from typing import Any
 import toml
 
 from gridsearch.core.files import atomic_write
+from gridsearch.rerun import forget_saved_windows
 from gridsearch.stages import Stage
 
 # ultrack writes this next to the database (not in it); solve and export need it.
@@ -24,13 +24,6 @@ class UltrackDB:
     working_dir: Path
     kind: str = "sqlite"  # sqlite | postgresql
     address: str | None = None  # user@host:port/dbname: never the password (libpq reads PGPASSWORD)
-
-    @classmethod
-    def from_config(cls, config_path: Path) -> UltrackDB:
-        """The database a trial's config.toml points at (the password stays in libpq's environment)."""
-        with open(config_path, "rb") as f:
-            data = tomllib.load(f)["data"]
-        return cls("", Path(data["working_dir"]), data.get("database", "sqlite"), data.get("address"))
 
     def data_section(self) -> dict[str, Any]:
         sec: dict[str, Any] = {"working_dir": str(self.working_dir), "database": self.kind}
@@ -70,6 +63,7 @@ class UltrackDB:
         prepare_ultrack()
         url = self.database_url()
         self.working_dir.mkdir(parents=True, exist_ok=True)
+        forget_saved_windows(url)
         if stage == Stage.SEGMENT:
             clear_all_data(url)
             (self.working_dir / METADATA).unlink(missing_ok=True)
@@ -85,23 +79,6 @@ class UltrackDB:
         if self.kind == "sqlite":
             return f"sqlite:///{self.working_dir.absolute()}/data.db"
         return f"postgresql://{self.address}"
-
-    def drop_links_from(self, first: int, stop: int) -> int:
-        """Delete the links out of frames [first, stop): what a failed link batch committed before
-        it died. ultrack's link appends rows without a unique key, so a re-run would duplicate them
-        (segment and solve re-runs overwrite their own rows). Returns how many there were."""
-        import sqlalchemy as sa
-        from sqlalchemy.pool import NullPool
-
-        engine = sa.create_engine(self.database_url(), poolclass=NullPool)
-        try:
-            with engine.begin() as c:
-                r = c.execute(sa.text("DELETE FROM links WHERE source_id IN "
-                                      "(SELECT id FROM nodes WHERE t >= :a AND t < :b)"),
-                              {"a": first, "b": stop})
-                return r.rowcount or 0
-        finally:
-            engine.dispose()
 
     def _has_tables(self, base: Any) -> bool:
         import sqlalchemy as sa

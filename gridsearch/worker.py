@@ -48,32 +48,38 @@ class BatchTask:
                 "--ct", self.contours, "--ledger", self.ledger, "--run", str(self.run_id)]
 
 
-def inject_failure(stage: str, batch: int | None) -> None:
-    """Fault injection for tests and drills: GRIDSEARCH_FAIL=stage[:batch][:once-file].
+def inject_failure(stage: str, batch: int | None, when: str) -> None:
+    """Fault injection for tests and drills: GRIDSEARCH_FAIL=stage[:batch[:once-file[:when]]], or
+    several such faults separated by commas.
 
-    With a once-file, only the first task to create that file fails (a transient fault)."""
-    spec = os.environ.get(FAIL_ENV)
-    if not spec:
-        return
-    parts = spec.split(":")
-    if parts[0] != stage:
+    batch: a number, or "" / "*" for every batch. With a once-file, only the first task to create
+    that file fails (a transient fault). when: "before" (the default) fails before the batch runs,
+    "after" once it has written its rows but before its acknowledgement (a task killed between
+    ultrack's commit and ours). E.g. link:1, segment:2::after, solve:0:/tmp/once:after."""
+    for fault in filter(None, os.environ.get(FAIL_ENV, "").split(",")):
+        _inject(fault.split(":"), stage, batch, when)
+
+
+def _inject(parts: list[str], stage: str, batch: int | None, when: str) -> None:
+    if parts[0] != stage or (parts[3] if len(parts) > 3 else "before") != when:
         return
     if len(parts) > 1 and parts[1] not in ("", "*") and batch is not None and int(parts[1]) != batch:
         return
-    if len(parts) > 2:
+    if len(parts) > 2 and parts[2]:
         try:
             fd = os.open(parts[2], os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             return
         os.close(fd)
-    raise RuntimeError(f"injected failure in {stage} batch {batch}")
+    raise RuntimeError(f"injected failure in {stage} batch {batch}" + (" after it ran" * (when == "after")))
 
 
 def run_and_acknowledge(task: BatchTask, ledger: sa.Engine | None = None) -> BatchCost:
     """``ledger``: an open engine on the ledger database (the driver has one), else task.ledger."""
     t0, cpu0 = time.perf_counter(), cpu_seconds()
-    inject_failure(task.stage, task.batch)
-    run_batch(Stage.parse(task.stage), task.config, task.batch, task.foreground, task.contours)
+    inject_failure(task.stage, task.batch, "before")
+    run_batch(Stage.parse(task.stage), task.config, task.batch, task.run_id, task.foreground, task.contours)
+    inject_failure(task.stage, task.batch, "after")
     cost = BatchCost.since(t0, cpu0)
     acknowledge(ledger if ledger is not None else task.ledger, task.run_id, task.batch or 0, cost)
     return cost

@@ -53,3 +53,20 @@ TIME_COLUMNS = ["segment_s", "link_s", "solve_s", "started", "finished", "optuna
 def comparable(df):  # type: ignore[no-untyped-def]
     """A results table without what legitimately differs between two runs (times, paths)."""
     return df.drop(columns=[c for c in TIME_COLUMNS if c in df.columns]).reset_index(drop=True)
+
+
+def blank_last_frames(movie: dict[str, Path], out: Path, n: int) -> dict[str, Path]:
+    """A copy of ``movie`` whose last ``n`` frames have no cells: ultrack's database then ends
+    earlier than the movie (its link and solve batch counts come from the database)."""
+    import zarr
+
+    out.mkdir(parents=True, exist_ok=True)
+    blank = {}
+    for key in ("foreground", "contours"):
+        src = zarr.open_array(str(movie[key]), mode="r")
+        data = src[:]
+        data[-n:] = 0
+        blank[key] = out / f"{key}.zarr"
+        copy = zarr.create_array(store=str(blank[key]), shape=data.shape, chunks=src.chunks, dtype=data.dtype)
+        copy[:] = data
+    return blank

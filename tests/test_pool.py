@@ -11,13 +11,14 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import psutil
 import pytest
-from helpers import pg_available, write_spec
+from helpers import blank_last_frames, comparable, pg_available, write_spec
 
 from gridsearch import results
 from gridsearch.backends.postgres import managed_server
-from gridsearch.engine import existing_ledger
+from gridsearch.engine import existing_ledger, run_sweep
 from gridsearch.spec import load
 from gridsearch.workspace import Workspace
 
@@ -81,3 +82,28 @@ def test_a_killed_worker_fails_one_trial_and_the_pool_recovers(open_tmp: Path,
     failed = df[df.state == "failed"]
     assert len(failed) == 1 and failed.error.str.contains("exited with code -9").all(), failed.error
     assert (df.state == "done").sum() == len(df) - 1
+
+
+WINDOWS = ("config:\n  segmentation: {max_area: 1000}\n"
+           "  tracking: {solver_name: CBC, window_size: 2, overlap_size: 1}\n")
+
+
+def test_last_frames_without_cells_and_several_solve_windows_match_in_process(open_tmp: Path) -> None:
+    """6 frames, the last 2 without cells: the plan, from the movie, has solve windows 0 2 | 1 and link
+    batches 0-4; ultrack, from its database (last frame with nodes: 3), has windows 0 | 1 and link
+    batches 0-2. The batches past ultrack's count have nothing to do (window 2 used to fail)."""
+    from gridsearch.synth import generate_movie
+
+    movie = blank_last_frames(generate_movie(open_tmp / "six", n_frames=6), open_tmp / "blank", 2)
+    one = "grid:\n  tracking.appear_weight: [-0.5]\n"
+    ref = write_spec(open_tmp / "ref", movie, name="inproc", base=WINDOWS, grid=one)
+    spec = write_spec(open_tmp / "pool", movie, name="poolblank", base=WINDOWS, grid=one, extra=POOL)
+    dfs = []
+    for s in (ref, spec):
+        run_sweep(load(s))
+        with existing_ledger(load(s)) as led:
+            dfs.append(results.table(load(s), led))
+        assert list(dfs[-1].state) == ["done"], dfs[-1].error.iloc[0]
+    pd.testing.assert_frame_equal(comparable(dfs[1]), comparable(dfs[0]))
+    tracks = pd.read_csv(dfs[1].tracks_csv.iloc[0])
+    assert tracks.t.max() == 3 and tracks.t.nunique() == 4

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from helpers import comparable, pg_available, write_spec
+from helpers import blank_last_frames, comparable, pg_available, write_spec
 
 from gridsearch import results
 from gridsearch.engine import existing_ledger, run_sweep
@@ -446,18 +446,7 @@ def last_frame_empty(
 ) -> dict[str, Path]:
     """short_movie with no cells in its last frame: segment batch 3 writes zero nodes and link batch 2
     zero links, yet both are complete."""
-    import zarr
-
-    out = tmp_path_factory.mktemp("empty")
-    movie = {}
-    for key in ("foreground", "contours"):
-        src = zarr.open_array(str(short_movie[key]), mode="r")
-        data = src[:]
-        data[-1] = 0
-        movie[key] = out / f"{key}.zarr"
-        copy = zarr.create_array(store=str(movie[key]), shape=data.shape, chunks=src.chunks, dtype=data.dtype)
-        copy[:] = data
-    return movie
+    return blank_last_frames(short_movie, tmp_path_factory.mktemp("empty"), 1)
 
 
 @cluster

@@ -89,7 +89,7 @@ def test_failed_task_is_resubmitted_alone_and_later_steps_behind_it() -> None:
     link, solve = drv.last(2), drv.last(3)
     d = drv.step({**tasks(link, i0=DONE, i1=DONE, i2=FAILED), **tasks(solve, i0=DEP_KILLED)},
                  acks(segment=[0, 1, 2, 3], link=[0, 1]))
-    assert d.give_up is None and d.retried == [(Stage.LINK, 2)]
+    assert d.give_up is None and drv.chain.steps[2].retries == 1
     assert [(s.step, s.batches, s.attempt) for s in d.submit] == [(2, [2], 1), (3, [0], 0)]
     assert [a.job_id for a in d.drop] == [solve]  # superseded: its row is closed
     retry, new_solve = drv.last(2), drv.last(3)
@@ -117,14 +117,14 @@ def test_dependency_failures_are_resubmitted_behind_without_costing_a_retry() ->
     d = drv.step({**tasks(seg0, i0=DONE), **tasks(seg1, i1=DONE, i2=FAILED, i3=DONE),
                   **tasks(link, i0=DEP_KILLED, i1=DEP_KILLED, i2=DEP_KILLED), **tasks(solve, i0=DEP_KILLED)},
                  acks(segment=[0, 1, 3]))
-    assert d.retried == [(Stage.SEGMENT, 2)]
+    assert (drv.chain.steps[1].retries, drv.chain.steps[2].retries) == (1, 0)
     assert [(s.step, s.batches, s.attempt) for s in d.submit] == [(1, [2], 1), (2, [0, 1, 2], 0), (3, [0], 0)]
     seg_retry, link2 = drv.last(1), drv.last(2)
     assert drv.after[link2] == [seg_retry]
     # link fails on its own now: it still has its retry
     d = drv.step({**tasks(seg_retry, i2=DONE), **tasks(link2, i0=DONE, i1=FAILED, i2=DONE),
                   **tasks(drv.last(3), i0=DEP_KILLED)}, acks(segment=[0, 1, 2, 3], link=[0, 2]))
-    assert d.give_up is None and d.retried == [(Stage.LINK, 1)]
+    assert d.give_up is None and drv.chain.steps[2].retries == 1
 
 
 def test_a_step_killed_by_its_dependency_alone_is_resubmitted_for_free() -> None:
@@ -134,7 +134,7 @@ def test_a_step_killed_by_its_dependency_alone_is_resubmitted_for_free() -> None
     seg1, link, solve = drv.last(1), drv.last(2), drv.last(3)
     d = drv.step({**tasks(seg1, i1=DONE, i2=FAILED, i3=DONE), **tasks(link, i0=DEP_KILLED, i1=DEP_KILLED,
                   i2=DEP_KILLED), **tasks(solve, i0=DEP_KILLED)}, acks(segment=[0, 1, 2, 3]))
-    assert d.retried == [] and drv.chain.steps[2].retries == 0
+    assert drv.chain.steps[1].retries == drv.chain.steps[2].retries == 0
     assert [(s.step, s.batches) for s in d.submit] == [(2, [0, 1, 2]), (3, [0])]
     assert drv.after[drv.last(2)] == []
 
@@ -145,7 +145,7 @@ def test_forgotten_tasks_are_judged_by_their_acknowledgement() -> None:
     d = drv.step({**tasks(link, i0=GONE, i1=GONE, i2=GONE), **tasks(solve, i0=DEP_KILLED)},
                  acks(segment=[0, 1, 2, 3], link=[0, 2]))
     assert d.reports == [Report(Event.BATCH_DONE, Stage.LINK, 0), Report(Event.BATCH_DONE, Stage.LINK, 2)]
-    assert d.retried == [(Stage.LINK, 1)]
+    assert drv.chain.steps[2].retries == 1
     assert [(s.step, s.batches) for s in d.submit] == [(2, [1]), (3, [0])]
     d = drv.step(tasks(drv.last(2), i1=GONE), acks(segment=[0, 1, 2, 3], link=[0, 2]))
     assert d.give_up is not None and d.give_up.why == "gone from SLURM without its worker's acknowledgement"
@@ -166,7 +166,7 @@ def test_completed_without_acknowledgement_is_a_failure() -> None:
     link, solve = drv.last(2), drv.last(3)
     states = {**tasks(link, i0=DONE, i1=DONE, i2=DONE), **tasks(solve, i0=TaskState("PENDING"))}
     d = drv.step(states, acks(segment=[0, 1, 2, 3], link=[0, 2]))
-    assert d.retried == [(Stage.LINK, 1)] and [s.batches for s in d.submit] == [[1], [0]]
+    assert drv.chain.steps[2].retries == 1 and [s.batches for s in d.submit] == [[1], [0]]
     assert [a.job_id for a in d.drop] == [solve]
     d = drv.step({**tasks(drv.last(2), i1=DONE)}, acks(segment=[0, 1, 2, 3], link=[0, 2]))
     assert d.give_up is not None and d.give_up.why == "COMPLETED without its worker's acknowledgement"
@@ -177,7 +177,7 @@ def test_acknowledged_task_in_failed_state_is_done() -> None:
     link = drv.last(2)
     d = drv.step(tasks(link, i0=FAILED, i1=TaskState("TIMEOUT", "TimeLimit"), i2=DONE),
                  acks(segment=[0, 1, 2, 3], link=[0, 1, 2]))
-    assert not d.retried and not d.submit and d.give_up is None
+    assert drv.chain.steps[2].retries == 0 and not d.submit and d.give_up is None
     assert Report(Event.STAGE_DONE, Stage.LINK) in d.reports
 
 
@@ -190,7 +190,8 @@ def test_terminal_states_are_remembered_when_slurm_forgets_them() -> None:
                  acks(segment=[0]))
     assert d.waits  # segment still runs
     d = drv.step({**tasks(seg1, i1=GONE), **tasks(link, i0=GONE)}, acks(segment=[0, 1]))
-    assert d.retried == [] and [(s.step, s.batches, s.attempt) for s in d.submit] == [(2, [0], 0)]
+    assert drv.chain.steps[2].retries == 0
+    assert [(s.step, s.batches, s.attempt) for s in d.submit] == [(2, [0], 0)]
 
 
 def test_reattach_from_recorded_rows() -> None:

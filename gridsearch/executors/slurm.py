@@ -26,7 +26,6 @@ from gridsearch.slurm.jobs import JobRow, JobStore
 from gridsearch.slurm.parse import compact, split
 from gridsearch.slurm.paths import JobPaths
 from gridsearch.stages import Stage
-from gridsearch.ultrackdb import UltrackDB
 
 
 class SlurmExecutor(Executor):
@@ -134,10 +133,6 @@ class SlurmExecutor(Executor):
         self._withdraw_arrays(decision.drop)
         if decision.give_up is not None:
             raise self._failure(decision.give_up)
-        for stage, batch in decision.retried:
-            if stage == Stage.LINK:  # link appends rows: a re-run would duplicate what it committed
-                n = self.frames_per_batch
-                UltrackDB.from_config(jobs[stage].config_path).drop_links_from(batch * n, (batch + 1) * n)
         for submission in decision.submit:
             self._submit(key, chain, submission, jobs[chain.steps[submission.step].stage])
 

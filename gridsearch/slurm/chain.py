@@ -116,13 +116,13 @@ class GiveUp:
 
 @dataclass
 class Decision:
-    """What to do now, in this order: report, then (give up | drop, clean, submit), else wait."""
+    """What to do now, in this order: report, then (give up | drop, submit), else wait. A re-run
+    batch clears what its failed run wrote itself (gridsearch.rerun)."""
 
     reports: list[Report] = field(default_factory=list)
     finished: bool = False
     give_up: GiveUp | None = None
     drop: list[Array] = field(default_factory=list)  # scancel, close their rows: superseded
-    retried: list[tuple[Stage, int]] = field(default_factory=list)  # own failures about to re-run
     submit: list[Submission] = field(default_factory=list)
 
     @property
@@ -277,7 +277,6 @@ class Chain:
             return
         if own:
             step.retries += 1
-            decision.retried = [(step.stage, b) for b in sorted(own)]
         decision.drop = stuck + later  # later steps wait for this one: superseded
         step.arrays = [a for a in step.arrays if all(a is not b for b in stuck)]
         for s in self.steps[first + 1:]:
