@@ -166,25 +166,6 @@ def test_kill_driver_then_reattach(
 
 
 @cluster
-def test_transient_failure_is_resubmitted_alone(open_tmp: Path, short_movie: dict[str, Path]) -> None:
-    spec = write_spec(open_tmp, short_movie, name="slonce", grid=ONE, extra=SLURM)
-    once = open_tmp / "once"
-    proc = _sweep(spec, {"GRIDSEARCH_FAIL": f"link:2:{once}"})
-    _out, err = proc.communicate(timeout=240)
-    try:
-        assert proc.returncode == 0, err
-        assert once.exists()
-        df, rows = _ledger(spec)
-    finally:
-        _stop_server(spec)
-    assert set(df.state) == {"done"}
-    link = rows[rows.stage == "link"]
-    assert list(link.indices) == ["0-2", "2"] and list(link.attempt) == [0, 1]
-    assert len(rows[rows.stage == "solve"]) == 2  # the first solve was cancelled with its dependency
-    assert _live(spec) == []
-
-
-@cluster
 def test_permanent_failure_fails_the_trial_without_hanging(
     open_tmp: Path, short_movie: dict[str, Path]
 ) -> None:
