@@ -14,11 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import psycopg
 import pytest
 from helpers import comparable, lab_database, lab_rows, pg_available, write_spec
 
 from gridsearch import results
+from gridsearch.backends.postgres import db_name, keep_up, managed_server
 from gridsearch.engine import existing_ledger
+from gridsearch.postgres import advisory
 from gridsearch.spec import load
 from gridsearch.workspace import Workspace
 
@@ -26,7 +29,8 @@ pytestmark = [pytest.mark.postgres,
               pytest.mark.skipif(not pg_available(), reason="PostgreSQL binaries not installed")]
 
 CLI = [sys.executable, "-m", "gridsearch.cli"]
-GRID_A = "grid:\n  tracking.appear_weight: [-0.1, -0.5]\n"
+GRID_A = "grid:\n  tracking.appear_weight: [-0.1]\n"
+GRID_LONGER = "grid:\n  tracking.appear_weight: [-0.1, -0.5]\n"  # time to start a second driver
 GRID_B = "grid:\n  segmentation.min_area: [60]\n  tracking.appear_weight: [-0.1]\n"
 
 
@@ -131,8 +135,8 @@ def test_a_second_driver_on_one_sweep_database_is_refused_naming_the_holder(
     """A copied workdir (or one reached by another node's path) names the same schema: its driver,
     on another node, is refused by the advisory lock, in one line naming the running driver."""
     server, creds = lab
-    a = _spec(open_tmp, movie, server.port, "a", GRID_A)
-    copy = _spec(open_tmp, movie, server.port, "copy", GRID_A)
+    a = _spec(open_tmp, movie, server.port, "a", GRID_LONGER)
+    copy = _spec(open_tmp, movie, server.port, "copy", GRID_LONGER)
     first = _start(a)
     try:
         deadline = time.time() + 300
@@ -158,3 +162,39 @@ def test_a_second_driver_on_one_sweep_database_is_refused_naming_the_holder(
             first.communicate()
     table, runs = _state(a)
     assert set(table.state) == {"done"} and {r["state"] for r in runs} == {"done"}
+
+
+def test_a_managed_servers_sweep_database_is_held_too(
+    open_tmp: Path, movie: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a managed server the key is the sweep's ledger database (the lock's session waits in the
+    maintenance database, which --restart never renames)."""
+    monkeypatch.setenv("ULTRACK_DB_PW", "managed-pw")
+    managed = "database: {kind: postgresql, managed: true}\nexecutor: {kind: local, workers: 1}\n"
+    spec = write_spec(open_tmp, movie, name="held", grid=GRID_A, extra=managed)
+    sw = load(spec)
+    server = managed_server(sw, Workspace(sw.workdir))
+    keep_up(sw, server)  # `db start`
+    try:
+        with advisory.held(server.credentials(), "postgres", db_name(sw, "state"), "test"):
+            r = subprocess.run([*CLI, "sweep", "-q", str(spec)], capture_output=True, text=True,
+                               timeout=300, env={**os.environ})
+        assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+        assert "gs_held_state" in r.stderr and f"pid {os.getpid()} on {socket.gethostname()}" in r.stderr
+    finally:
+        server.stop()
+
+
+def test_a_role_that_may_not_create_a_schema_is_told_how_in_one_line(
+    open_tmp: Path, movie: dict[str, Path], lab: Any
+) -> None:
+    server, creds = lab
+    with psycopg.connect(host=creds.host, port=creds.port, user=creds.user, password=creds.password,
+                         dbname="lab", autocommit=True) as conn:
+        conn.execute("REVOKE CREATE ON DATABASE lab FROM PUBLIC, gridsearch")
+    spec = _spec(open_tmp, movie, server.port, "denied", GRID_A)
+    r = subprocess.run([*CLI, "sweep", "-q", str(spec)], capture_output=True, text=True, timeout=300,
+                       env={**os.environ})
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "permission denied" in r.stderr and "GRANT CREATE ON DATABASE lab TO gridsearch" in r.stderr
+    assert not _ws(spec).pg_schema.exists()

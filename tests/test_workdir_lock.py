@@ -20,6 +20,7 @@ import pytest
 from helpers import write_spec
 
 from gridsearch import results
+from gridsearch.core.errors import GridsearchError
 from gridsearch.core.lease import LEASE_ENV
 from gridsearch.engine import existing_ledger
 from gridsearch.spec import load
@@ -36,18 +37,41 @@ HOLD = textwrap.dedent("""
         print("held", flush=True)
         time.sleep(600)
 """)
-NO_FLOCK_C = """
+# flock() fails with ENOSYS on files under $NOFLOCK_UNDER (a Lustre mount with `noflock`), and works
+# elsewhere (a node's local /tmp).
+NO_FLOCK_C = r"""
 #define _GNU_SOURCE
+#include <dlfcn.h>
 #include <errno.h>
-int flock(int fd, int operation) { (void)fd; (void)operation; errno = ENOSYS; return -1; }
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+int flock(int fd, int operation) {
+    const char *under = getenv("NOFLOCK_UNDER");
+    char link[64], path[4096];
+    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
+    ssize_t n = readlink(link, path, sizeof path - 1);
+    path[n < 0 ? 0 : n] = 0;
+    if (under && strncmp(path, under, strlen(under)) == 0) {
+        errno = ENOSYS;
+        return -1;
+    }
+    int (*real)(int, int) = (int (*)(int, int))dlsym(RTLD_NEXT, "flock");
+    return real(fd, operation);
+}
 """
 FLOCK_PROBE = textwrap.dedent("""
-    import errno, fcntl, sys
-    try:
-        fcntl.flock(0, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        sys.exit(0 if exc.errno == errno.ENOSYS else 1)
-    sys.exit(1)
+    import errno, fcntl, sys, tempfile
+    def errno_of(f):
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            return exc.errno
+        return 0
+    with open(sys.argv[1], "w") as inside, tempfile.TemporaryFile() as outside:
+        sys.exit(0 if (errno_of(inside), errno_of(outside)) == (errno.ENOSYS, 0) else 1)
 """)
 
 
@@ -69,16 +93,22 @@ def short_lease(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def no_flock(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """An environment whose processes get ENOSYS from every flock()."""
+def shim(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if shutil.which("gcc") is None:
         pytest.skip("gcc not installed")
     d = tmp_path_factory.mktemp("shim")
     (d / "noflock.c").write_text(NO_FLOCK_C)
-    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(d / "noflock.so"), str(d / "noflock.c")],
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(d / "noflock.so"), str(d / "noflock.c"), "-ldl"],
                    check=True, capture_output=True)
-    env = {**os.environ, "LD_PRELOAD": str(d / "noflock.so")}
-    assert subprocess.run([sys.executable, "-c", FLOCK_PROBE], env=env).returncode == 0, "shim inactive"
+    return d / "noflock.so"
+
+
+@pytest.fixture
+def no_flock(shim: Path, tmp_path: Path) -> dict[str, str]:
+    """An environment whose processes get ENOSYS from flock() on files under tmp_path."""
+    env = {**os.environ, "LD_PRELOAD": str(shim), "NOFLOCK_UNDER": str(tmp_path)}
+    probe = subprocess.run([sys.executable, "-c", FLOCK_PROBE, str(tmp_path / "probe")], env=env)
+    assert probe.returncode == 0, "the shim does not act as it should"
     return env
 
 
@@ -236,3 +266,28 @@ def test_a_managed_servers_users_are_counted_where_flock_fails(
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
                        env=no_flock, timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == "True", r.stderr
+
+
+def test_a_lost_hold_is_taken_again_if_free_else_the_driver_stops(
+    tmp_path: Path, short_lease: dict[str, str]
+) -> None:
+    """What a driver whose heartbeat stalled for a lease finds between trials: its lock removed (a
+    driver that took it over, then was refused by the database's advisory lock) or held by another."""
+    ws = Workspace(tmp_path / "w")
+    with ws.lock() as lease:
+        ws.lock_path.unlink()
+        deadline = time.time() + 3 * LEASE
+        while lease.lost is None:
+            assert time.time() < deadline, "the heartbeat never noticed"
+            time.sleep(0.1)
+        lease.check()  # free: taken again
+        assert lease.lost is None and ws.holder().pid == os.getpid()  # type: ignore[union-attr]
+        ws.lock_path.unlink()
+        other = _holding(ws.root, short_lease)
+        try:
+            while lease.lost is None:
+                time.sleep(0.1)
+            with pytest.raises(GridsearchError, match=rf"lost its lock .*pid {other.pid} on"):
+                lease.check()
+        finally:
+            _kill(other)

@@ -187,10 +187,23 @@ def _claim(stack: contextlib.ExitStack, sweep: Sweep, ws: Workspace, creds: Cred
             return layout
         where = f"sweep database {state_db!r} at {hostport(creds.host, creds.port)}"
         where += f", schema {layout}" if layout else ""
-        stack.enter_context(advisory.held(creds, state_db, layout or state_db, where))
+        # A managed server's ledger database is renamed by --restart, which ends its sessions:
+        # the lock's session waits in the maintenance database instead.
+        lock_db = state_db if own_schema else "postgres"
+        stack.enter_context(advisory.held(creds, lock_db, layout or state_db, where))
         if layout:
-            schemas.prepare(conn, ws, layout)
+            _prepare(conn, ws, layout, creds, state_db)
     return layout
+
+
+def _prepare(conn: psycopg.Connection, ws: Workspace, schema: str, creds: Credentials, dbname: str) -> None:
+    try:
+        schemas.prepare(conn, ws, schema)
+    except psycopg.Error as exc:
+        grant = f"GRANT CREATE ON DATABASE {dbname} TO {creds.user}"
+        raise PostgresError(f"creating schema {schema} in database {dbname!r} at "
+                            f"{hostport(creds.host, creds.port)}: {first_line(exc)} (each sweep needs a "
+                            f"schema of its own: {grant})") from None
 
 
 @contextlib.contextmanager

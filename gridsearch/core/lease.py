@@ -83,8 +83,11 @@ class Lease:
         self.path = path
         self.duration = lease_seconds()
         self.lost: str | None = None  # why the hold was lost (set by the heartbeat thread)
-        self._lock = SoftFileLease(str(path), lease_duration=self.duration,
-                                   heartbeat_interval=self.duration / 6, on_compromise=self._on_lost)
+        self._lock = self._new_lock()
+
+    def _new_lock(self) -> SoftFileLease:
+        return SoftFileLease(str(self.path), lease_duration=self.duration,
+                             heartbeat_interval=self.duration / 6, on_compromise=self._on_lost)
 
     def _on_lost(self, compromise: LeaseCompromise) -> None:
         self.lost = compromise.reason
@@ -112,10 +115,20 @@ class Lease:
                 f"over once it has been silent for {self.duration:.0f} s)")
 
     def check(self) -> None:
-        """Raise if another driver took the lock over (this one's heartbeat stalled for a lease)."""
-        if self.lost is not None:
-            raise GridsearchError(f"{self.path}: this driver lost its lock ({self.lost}): another "
-                                  "driver may have taken the sweep over; stopping")
+        """Between trials. The hold is lost when another driver took the lock over (this one's
+        heartbeat stalled for a whole lease) or removed it: taken again if free, else raise."""
+        if self.lost is None:
+            return
+        reason, self.lost = self.lost, None
+        self._lock.release()
+        self._lock = self._new_lock()
+        try:
+            self._lock.acquire(timeout=_REFUSE_S)
+        except (Timeout, LeaseSettingsMismatch):
+            now = holder(self.path)
+            who = f" ({now.describe()})" if now else ""
+            raise GridsearchError(f"{self.path}: this driver lost its lock ({reason}) to another "
+                                  f"driver{who}; stopping") from None
 
     def release(self) -> None:
         self._lock.release()
