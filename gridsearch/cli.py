@@ -187,12 +187,12 @@ def status(spec: str, as_json: bool) -> None:
 
     sw = _load(spec)
     doc = views.status(sw)
-    by_state, runs, holder = doc["trials"], doc["stage_runs"], doc["driver_pid"]
+    by_state, runs, holder = doc["trials"], doc["stage_runs"], doc["driver"]
     if as_json:
         click.echo(json.dumps(doc, indent=1))
         return
     c = _console()
-    driver = f"driver running, pid {holder}" if holder else "no driver running"
+    driver = f"driver running, {holder}" if holder else "no driver running"
     c.print(f"[bold]{sw.name}[/] in {sw.workdir}: {driver}")
     c.print("trials: " + ", ".join(f"{k} {v}" for k, v in by_state.items()))
     for stage, states in runs.items():
@@ -337,7 +337,8 @@ def db_stop(spec: str) -> None:
     sw, server = _managed(spec)
     holder = Workspace(sw.workdir).holder()
     if holder:
-        fail(f"{sw.workdir}: a sweep is running on this server (pid {holder}); stop it first", EXIT_FAILED)
+        fail(f"{sw.workdir}: a sweep is running on this server ({holder.describe()}); stop it first",
+             EXIT_FAILED)
     click.echo("stopped" if server.stop() else "not running")
 
 

@@ -6,7 +6,7 @@ import contextlib
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -122,7 +122,7 @@ def run_sweep(sweep: Sweep, *, restart: bool = False, reporter: Reporter | None 
     ws = Workspace(sweep.workdir)
     check_writable(sweep.workdir, sweep.path)
     t0 = time.perf_counter()
-    with terminate_as_exit(), ws.lock():
+    with terminate_as_exit(), ws.lock(rep.message) as lease:
         if not sweep.full_identity:  # fingerprints of this workdir use the sampled data identity
             atomic_write(ws.root / IDENTITY_MARKER, "sampled\n")
         if restart and (dest := archive(ws)):
@@ -140,7 +140,8 @@ def run_sweep(sweep: Sweep, *, restart: bool = False, reporter: Reporter | None 
                 executor = executors.create(ExecutorContext(sweep, ws, backend, ledger, rep.message))
                 rep.sweep_started(plan)
                 try:
-                    outcome = _Driver(sweep, ws, ledger, backend.ultrack_db(MAIN_DB), executor, rep).run(plan)
+                    driver = _Driver(sweep, ws, ledger, backend.ultrack_db(MAIN_DB), executor, rep)
+                    outcome = driver.run(plan, lease.check)
                 finally:
                     executor.close()
                     rep.close()
@@ -160,12 +161,14 @@ class _Driver:
         self.stage_runs = {s: 0 for s in Stage}
         self.provenance = {"ultrack": version("ultrack"), "gridsearch": version("gridsearch")}
 
-    def run(self, plan: Plan) -> Outcome:
+    def run(self, plan: Plan, still_ours: Callable[[], None]) -> Outcome:
+        """``still_ours`` raises once the workdir's lock was taken over: no trial starts after."""
         pending = plan.pending
         if pending:
             results.warm_up_in_background()
         completed = failed = 0
         for k, planned in enumerate(pending, start=1):
+            still_ours()
             if self.run_trial(planned, k, len(pending)):
                 completed += 1
             else:

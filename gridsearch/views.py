@@ -54,7 +54,9 @@ def status(sweep: Sweep) -> dict[str, Any]:
                 if r["state"] == "running":
                     running.append({k: r[k] for k in ("trial_key", "stage", "batches_done", "batches_total")})
     holder = Workspace(sweep.workdir).holder()
-    return {"sweep": sweep.name, "workdir": str(sweep.workdir), "driver_pid": holder, "trials": by_state,
+    return {"sweep": sweep.name, "workdir": str(sweep.workdir),
+            "driver_pid": holder.pid if holder else None, "driver_host": holder.host if holder else None,
+            "driver": holder.describe() if holder else None, "trials": by_state,
             "stage_runs": runs, "running": running if holder else []}
 
 

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import os
-from collections.abc import Iterator
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
-from gridsearch.core.errors import BadInput
+from gridsearch.core import lease
+from gridsearch.core.errors import Busy, ignore
+from gridsearch.core.lease import Holder, Lease
 
+__all__ = ["Busy", "Holder", "Lease", "Workspace"]
 
-class Busy(BadInput):
-    """Another driver holds the sweep: refused, like bad input, before anything is touched."""
+# What older gridsearch versions locked with flock, never removed: it marks a workdir they ran in.
+LEGACY_LOCK = ".lock"
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,14 @@ class Workspace:
 
     @property
     def lock_path(self) -> Path:
-        return self.root / ".lock"
+        """The driver's lock (core/lease.py): present only while a driver holds it."""
+        return self.root / "driver.lock"
+
+    @property
+    def pg_schema(self) -> Path:
+        """On an existing PostgreSQL server: the schema of the user's database that holds this
+        sweep, recorded at its first sweep (the workdir may later be reached by another path)."""
+        return self.root / "pg-schema"
 
     @property
     def pgpass(self) -> Path:
@@ -52,34 +60,19 @@ class Workspace:
 
     def exists(self) -> bool:
         """A sweep ran here: its state (SQLite file, managed server) or, on an existing PostgreSQL
-        server, which leaves neither in the workdir, the lock every sweep takes."""
-        return self.state_db.exists() or (self.root / "postgres").exists() or self.lock_path.exists()
+        server, which leaves neither in the workdir, its schema's record (or an older version's lock)."""
+        return any(p.exists() for p in (self.state_db, self.root / "postgres", self.pg_schema,
+                                        self.root / LEGACY_LOCK))
 
-    def holder(self) -> int | None:
-        """PID of the driver holding the lock, or None (the lock dies with its process)."""
-        if not self.lock_path.exists():
-            return None
-        with open(self.lock_path) as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except OSError:
-                text = f.read().strip()
-                return int(text) if text.isdigit() else -1
-            fcntl.flock(f, fcntl.LOCK_UN)
-        return None
+    def legacy(self) -> bool:
+        """An older gridsearch ran a sweep here (its lock file stays), before schemas were recorded."""
+        return (self.root / LEGACY_LOCK).exists() and not self.pg_schema.exists()
 
-    @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
+    def holder(self) -> Holder | None:
+        """The driver holding the lock (host, pid), or None."""
+        return lease.holder(self.lock_path)
+
+    def lock(self, notify: Callable[[str], None] = ignore) -> AbstractContextManager[Lease]:
+        """Held by the driver for the whole sweep; a second driver, from any node, gets Busy."""
         self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                pid = os.pread(fd, 32, 0).decode().strip()
-                raise Busy(f"{self.root}: another sweep is running on this workdir (pid {pid})") from None
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, str(os.getpid()).encode(), 0)
-            yield
-        finally:
-            os.close(fd)
+        return lease.held(self.lock_path, f"{self.root}: another sweep is running on this workdir", notify)

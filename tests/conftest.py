@@ -47,6 +47,21 @@ def open_tmp() -> Iterator[Path]:
 
 
 @pytest.fixture
+def lab(open_tmp: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """A server someone else runs (here: started by the test), a database of the user's on it:
+    yields (server, credentials); database "lab"."""
+    from gridsearch.postgres import ManagedServer
+
+    monkeypatch.setenv("ULTRACK_DB_PW", "lab-password")
+    server = ManagedServer(open_tmp / "lab" / "postgres")
+    server.start()
+    creds = server.credentials()
+    server.create_database("lab")
+    yield server, creds
+    server.stop()
+
+
+@pytest.fixture
 def small_disk() -> Iterator[Callable[[str], Path]]:
     """mount(size) -> a fresh tmpfs of that size: a real full disk for the tests that need one."""
     mounts: list[Path] = []

@@ -24,6 +24,21 @@ def pg_available() -> bool:
     return True
 
 
+def lab_rows(creds, query: str, params: tuple = ()) -> list:  # type: ignore[no-untyped-def,type-arg]
+    """First column of ``query``'s rows in the `lab` fixture's database."""
+    import psycopg
+
+    with psycopg.connect(host=creds.host, port=creds.port, user=creds.user, password=creds.password,
+                         dbname="lab") as conn:
+        return [r[0] for r in conn.execute(query, params or None).fetchall()]
+
+
+def lab_database(server_port: int, dbname: str = "lab") -> str:
+    """The sweep file's database section for the `lab` fixture's server (an existing server)."""
+    return (f"database: {{kind: postgresql, host: 127.0.0.1, port: {server_port}, user: gridsearch, "
+            f"dbname: {dbname}}}\nexecutor: {{kind: local, workers: 1}}\n")
+
+
 def write_spec(
     directory: Path,
     movie: dict[str, Path],

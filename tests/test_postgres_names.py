@@ -12,9 +12,10 @@ from typing import Any
 
 import psycopg
 import pytest
-from helpers import pg_available, write_spec
+from helpers import lab_database, lab_rows, pg_available, write_spec
 
 from gridsearch import results
+from gridsearch.backends.names import schema_name
 from gridsearch.backends.postgres import PostgresBackend, db_name, fit_identifier
 from gridsearch.engine import existing_ledger
 from gridsearch.ledger import Ledger
@@ -103,22 +104,21 @@ def test_a_64_character_sweep_runs_and_restarts_on_managed_postgres(
 # ------------------------------------------------------------------ restart on an existing server
 
 
-@pytest.fixture
-def lab(open_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
-    """A server someone else runs (here: started by the test), a database of the user's on it."""
-    monkeypatch.setenv("ULTRACK_DB_PW", "lab-password")
-    server = ManagedServer(open_tmp / "lab" / "postgres")
-    server.start()
-    creds = server.credentials()
-    server.create_database("lab")
-    yield server, creds
-    server.stop()
+def _old_ledger(creds: Credentials, schema: str, study: str, fresh: str | None) -> None:
+    """The archived ledger reads whole: its trial, its three stage runs, its own base config."""
+    url = sqlalchemy_url(creds, "lab", schema)
+    old = Ledger(url, study, {"connect_args": {"password": creds.password}}, read_only=True)
+    try:
+        assert len(old.study.get_trials()) == 1 and len(old.stage_runs()) == 3
+        assert old.get_meta("base_fingerprint") not in (None, fresh)
+    finally:
+        old.close()
 
 
-def _rows(creds: Credentials, query: str) -> list[Any]:
-    with psycopg.connect(host=creds.host, port=creds.port, user=creds.user, password=creds.password,
-                         dbname="lab") as conn:
-        return [r[0] for r in conn.execute(query).fetchall()]
+def _fresh_fingerprint(sw: Any) -> str | None:
+    with existing_ledger(sw) as led:  # the fresh ledger
+        assert led is not None and len(led.study.get_trials()) == 1
+        return led.get_meta("base_fingerprint")
 
 
 @pytest.mark.postgres
@@ -126,29 +126,57 @@ def _rows(creds: Credentials, query: str) -> list[Any]:
 def test_restart_on_an_existing_server_keeps_the_old_ledger_readable(
     open_tmp: Path, movie: dict[str, Path], lab: Any
 ) -> None:
+    """The sweep's schema is archived whole; nothing of it is in public."""
     server, creds = lab
-    db = (f"database: {{kind: postgresql, host: 127.0.0.1, port: {server.port}, user: gridsearch, "
-          "dbname: lab}\nexecutor: {kind: local, workers: 2}\n")
-    spec = write_spec(open_tmp, movie, name="ext-rs", extra=db, grid=GRID)
+    spec = write_spec(open_tmp, movie, name="ext-rs", extra=lab_database(server.port), grid=GRID)
     assert _sweep(spec).returncode == 0
     _touch_base(spec)
     r = _sweep(spec, "--restart")
     assert r.returncode == 0, r.stderr
     sw = load(spec)
-    with existing_ledger(sw) as led:  # the fresh ledger
-        assert led is not None and len(led.study.get_trials()) == 1
-        fresh = led.get_meta("base_fingerprint")
+    schema = schema_name(sw, Workspace(sw.workdir))
+    fresh = _fresh_fingerprint(sw)
+    (archived,) = lab_rows(creds, "SELECT nspname FROM pg_namespace WHERE nspname LIKE %s",
+                           (f"{schema}_archived_%",))
+    assert "nodes" in lab_rows(creds, "SELECT tablename FROM pg_tables WHERE schemaname = %s", (archived,))
+    assert lab_rows(creds, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'") == []
+    _old_ledger(creds, archived, "ext-rs", fresh)
+
+
+@pytest.mark.postgres
+@needs_pg
+def test_a_workdir_from_before_schemas_keeps_its_ledger_in_public(
+    open_tmp: Path, movie: dict[str, Path], lab: Any
+) -> None:
+    """An older gridsearch kept everything in public (and left its flock file, `.lock`): the
+    workdir goes on there, nothing recomputed; --restart archives it as it always did."""
+    server, creds = lab
+    spec = write_spec(open_tmp, movie, name="old", extra=lab_database(server.port), grid=GRID)
+    ws = Workspace(load(spec).workdir)
+    ws.root.mkdir(parents=True)
+    ws.pg_schema.write_text("public\n")  # lays the tables out as older versions did
+    assert _sweep(spec).returncode == 0
+    ws.pg_schema.unlink()
+    (ws.root / ".lock").write_text("12345")
+    assert "gs_meta" in lab_rows(creds, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+
+    r = _sweep(spec)
+    assert r.returncode == 0, r.stderr
+    assert ws.pg_schema.read_text() == "public\n"
+    assert lab_rows(creds, "SELECT nspname FROM pg_namespace WHERE nspname LIKE 'gs_old%'") == []
+    with existing_ledger(load(spec)) as led:
+        assert led is not None and len(led.stage_runs()) == 3  # nothing ran again
+        assert set(results.table(load(spec), led).state) == {"done"}
+
+    _touch_base(spec)
+    r = _sweep(spec, "--restart")
+    assert r.returncode == 0, r.stderr
+    fresh = _fresh_fingerprint(load(spec))
     # the old one: our tables in a schema of their own, optuna's study renamed beside the new one
-    (schema,) = _rows(creds, "SELECT nspname FROM pg_namespace WHERE nspname LIKE 'gs_ext_rs_archived_%'")
+    (schema,) = lab_rows(creds, "SELECT nspname FROM pg_namespace WHERE nspname LIKE 'gs_old_archived_%'")
     stamp = schema.rsplit("_", 1)[1]
-    assert set(_rows(creds, "SELECT study_name FROM studies")) == {"ext-rs", f"ext-rs_archived_{stamp}"}
-    kwargs = {"connect_args": {"password": creds.password, "options": f"-c search_path={schema},public"}}
-    old = Ledger(sqlalchemy_url(creds, "lab"), f"ext-rs_archived_{stamp}", kwargs, read_only=True)
-    try:
-        assert len(old.study.get_trials()) == 1 and len(old.stage_runs()) == 3
-        assert old.get_meta("base_fingerprint") not in (None, fresh)
-    finally:
-        old.close()
+    assert set(lab_rows(creds, "SELECT study_name FROM studies")) == {"old", f"old_archived_{stamp}"}
+    _old_ledger(creds, f"{schema},public", f"old_archived_{stamp}", fresh)
 
 
 @pytest.mark.postgres

@@ -6,18 +6,19 @@ The password reaches libpq through connect_args and PGPASSWORD only."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
-import re
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import psycopg
 from psycopg import sql
 
+from gridsearch.backends import schemas
 from gridsearch.backends.base import Backend
+from gridsearch.backends.names import db_name, fit_identifier
 from gridsearch.core.errors import first_line
 from gridsearch.postgres import (
     DEFAULT_ROLE,
@@ -29,6 +30,7 @@ from gridsearch.postgres import (
     PostgresError,
     PostgresServer,
     ServedElsewhere,
+    advisory,
     connect,
     libpq_env,
     running,
@@ -40,28 +42,9 @@ from gridsearch.spec import Sweep
 from gridsearch.ultrackdb import UltrackDB
 from gridsearch.workspace import Workspace
 
-# PostgreSQL truncates identifiers to 63 bytes: names stay below it (the sweep name is cut, a hash
-# of the whole keeps cut names apart).
-_MAX_IDENTIFIER = 63
-_HASH_CHARS = 10
+__all__ = ["PostgresBackend", "db_name", "fit_identifier", "open_postgres"]
 
-
-def fit_identifier(stem: str, suffix: str, key: str) -> str:
-    """``stem + suffix`` when it fits in 63 bytes (so names in use stay what they are); else the stem
-    is cut and a hash of ``key`` (the full name it stands for) keeps two cut names apart."""
-    name = stem + suffix
-    if len(name.encode()) <= _MAX_IDENTIFIER:
-        return name
-    tail = f"_{hashlib.sha256(key.encode()).hexdigest()[:_HASH_CHARS]}{suffix}"
-    return stem.encode()[: _MAX_IDENTIFIER - len(tail.encode())].decode(errors="ignore") + tail
-
-
-def db_name(sweep: Sweep, what: str) -> str:
-    """PostgreSQL folds case and dislikes '-': one predictable name per sweep and role, whole up to
-    63 bytes (as it always was), cut and hashed beyond (the state and main names would coincide)."""
-    base = re.sub(r"[^a-z0-9_]", "_", sweep.name.lower())
-    return fit_identifier(f"gs_{base}", f"_{what}", sweep.name)
-
+T = TypeVar("T")
 
 @dataclass
 class PostgresBackend(Backend):
@@ -72,13 +55,15 @@ class PostgresBackend(Backend):
     creds: Credentials | None = field(default=None, repr=False)
     state_db: str = ""
     create_databases: bool = True  # a managed server: one database per ultrack db
+    schema: str | None = None  # an existing server: the sweep's schema (None: public, as before)
 
     def ultrack_db(self, name: str) -> UltrackDB:
         assert self.creds is not None and self.sweep is not None
         dbname = db_name(self.sweep, name) if self.create_databases else self.state_db
         if self.create_databases and isinstance(self.server, ManagedServer):
             self.server.create_database(dbname)
-        return UltrackDB(name, self.ws.db_dir(name), "postgresql", ultrack_address(self.creds, dbname))
+        address = ultrack_address(self.creds, dbname, self.schema)
+        return UltrackDB(name, self.ws.db_dir(name), "postgresql", address)
 
     def archive_ledger(self) -> str | None:
         """--restart keeps the old ledger: the state database is renamed (managed here or as a SLURM
@@ -87,16 +72,34 @@ class PostgresBackend(Backend):
             return None
         stamp = time.strftime("%Y%m%d%H%M%S")
         if not self.create_databases:
-            return self._archive_tables(stamp)
+            return self._archive_schema(stamp) if self.schema else self._archive_tables(stamp)
         new = fit_identifier(self.state_db, f"_archived_{stamp}", self.state_db)
         self.server.rename_database(self.state_db, new)
         self.server.create_database(self.state_db)
         return f"database {new}"
 
+    def _in_state_db(self, what: str, fn: Callable[[psycopg.Connection], T]) -> T:
+        """fn on a connection to the state database; its failure is one line naming the server."""
+        assert self.creds is not None
+        try:
+            with connect(self.creds, self.state_db) as conn:
+                return fn(conn)
+        except psycopg.Error as exc:
+            raise PostgresError(f"{what} in database {self.state_db!r} at "
+                                f"{hostport(self.creds.host, self.creds.port)}: {first_line(exc)}") from None
+
+    def _archive_schema(self, stamp: str) -> str | None:
+        """The sweep's schema is renamed whole (its ledger, optuna's study, ultrack's tables)."""
+        assert self.schema is not None
+        schema = self.schema
+        new = self._in_state_db("archiving the ledger", lambda c: schemas.archive(c, schema, stamp))
+        return None if new is None else f"schema {new} of database {self.state_db}"
+
     def _archive_tables(self, stamp: str) -> str | None:
-        """The user's database holds more than ours (optuna's tables may hold other studies, ultrack's
-        are caches): our gs_* tables move to a schema of their own, indexes and sequences with them,
-        and optuna's study is renamed, in one transaction. None: nothing to archive."""
+        """A workdir from before schemas, its ledger in ``public`` (which may hold more than ours:
+        optuna's tables other studies, ultrack's are caches): our gs_* tables move to a schema of
+        their own, indexes and sequences with them, and optuna's study is renamed, in one
+        transaction. None: nothing to archive."""
         assert self.sweep is not None and self.creds is not None
         schema = db_name(self.sweep, f"archived_{stamp}")
         study = f"{self.sweep.name}_archived_{stamp}"
@@ -116,13 +119,12 @@ class PostgresBackend(Backend):
                                                                              sql.Identifier(schema)))
             return bool(tables or renamed)
 
-        try:
-            with connect(self.creds, self.state_db) as conn, conn.transaction():
-                if not move(conn):
-                    return None
-        except psycopg.Error as exc:
-            raise PostgresError(f"archiving the ledger in database {self.state_db!r} at "
-                                f"{hostport(self.creds.host, self.creds.port)}: {first_line(exc)}") from None
+        def move_all(conn: psycopg.Connection) -> bool:
+            with conn.transaction():
+                return move(conn)
+
+        if not self._in_state_db("archiving the ledger", move_all):
+            return None
         return f"schema {schema} of database {self.state_db} (optuna study {study})"
 
 
@@ -174,18 +176,53 @@ def libpq_environ(creds: Credentials) -> Iterator[dict[str, str]]:
                 os.environ[k] = v
 
 
+def _claim(stack: contextlib.ExitStack, sweep: Sweep, ws: Workspace, creds: Credentials, state_db: str,
+           *, own_schema: bool, read_only: bool) -> str | None:
+    """Once the server answers (unreachable, wrong password: one line, before any work): the
+    sweep's schema in an existing server's database (None: its own databases on a managed server),
+    and, for a writer, the sweep's advisory lock, taken before anything is changed."""
+    with connect(creds, state_db) as conn:
+        layout = schemas.choose(sweep, ws, conn) if own_schema else None
+        if read_only:
+            return layout
+        where = f"sweep database {state_db!r} at {hostport(creds.host, creds.port)}"
+        where += f", schema {layout}" if layout else ""
+        # A managed server's ledger database is renamed by --restart, which ends its sessions:
+        # the lock's session waits in the maintenance database instead.
+        lock_db = state_db if own_schema else "postgres"
+        stack.enter_context(advisory.held(creds, lock_db, layout or state_db, where))
+        if layout:
+            _prepare(conn, ws, layout, creds, state_db)
+    return layout
+
+
+def _prepare(conn: psycopg.Connection, ws: Workspace, schema: str, creds: Credentials, dbname: str) -> None:
+    try:
+        schemas.prepare(conn, ws, schema)
+    except psycopg.Error as exc:
+        grant = f"GRANT CREATE ON DATABASE {dbname} TO {creds.user}"
+        raise PostgresError(f"creating schema {schema} in database {dbname!r} at "
+                            f"{hostport(creds.host, creds.port)}: {first_line(exc)} (each sweep needs a "
+                            f"schema of its own: {grant})") from None
+
+
 @contextlib.contextmanager
 def connected(sweep: Sweep, ws: Workspace, creds: Credentials, server: PostgresServer | None,
-              state_db: str, *, create_databases: bool = True) -> Iterator[PostgresBackend]:
-    """The writer's backend once the server answers: checked login, libpq env for ultrack."""
-    connect(creds, state_db).close()  # unreachable, wrong password: one line, before any work
-    url = sqlalchemy_url(creds, state_db)
-    kwargs = {"connect_args": {"password": creds.password}} if creds.password else {}
-    stable = not (sweep.database.managed and not os.environ.get(PASSWORD_ENV))
-    with libpq_environ(creds) as env:
+              state_db: str, *, create_databases: bool = True, read_only: bool = False
+              ) -> Iterator[PostgresBackend]:
+    """The sweep's backend once the server answers: its schema, the writer's advisory lock, libpq
+    env for ultrack."""
+    with contextlib.ExitStack() as stack:
+        layout = _claim(stack, sweep, ws, creds, state_db, own_schema=not create_databases,
+                        read_only=read_only)
+        schema = None if layout in (None, schemas.LEGACY) else layout
+        url = sqlalchemy_url(creds, state_db, schema)
+        kwargs = {"connect_args": {"password": creds.password}} if creds.password else {}
+        stable = not (sweep.database.managed and not os.environ.get(PASSWORD_ENV))
+        env = stack.enter_context(libpq_environ(creds))
         yield PostgresBackend(ws, url, kwargs, url, env, parallel_writers=True, stable_password=stable,
                               server=server, sweep=sweep, creds=creds, state_db=state_db,
-                              create_databases=create_databases)
+                              create_databases=create_databases, schema=schema)
 
 
 def _join(stack: contextlib.ExitStack, server: ManagedServer, sweep: Sweep, read_only: bool) -> Owner | None:
@@ -222,7 +259,7 @@ def open_postgres(sweep: Sweep, ws: Workspace, read_only: bool = False) -> Itera
             # and ours); creating databases may not be allowed there.
             state_db = sweep.database.dbname or "postgres"
         creds = server.credentials()
-        yield stack.enter_context(connected(sweep, ws, creds, server, state_db,
+        yield stack.enter_context(connected(sweep, ws, creds, server, state_db, read_only=read_only,
                                             create_databases=isinstance(server, ManagedServer)))
 
 

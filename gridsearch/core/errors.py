@@ -38,6 +38,11 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
+class Busy(BadInput):
+    """Another driver holds the sweep (its workdir or its database): refused, like bad input, before
+    anything is touched. The message names the holder."""
+
+
 class Unavailable(GridsearchError):
     """A service the sweep needs (the scheduler, the database server) stayed unavailable: the sweep
     stops, resumable, instead of failing its trials one after another."""

@@ -8,6 +8,7 @@
 - ``managed``: ``ManagedServer``'s lifecycle.
 - ``owner``: who runs a managed server (host, pid, port, SLURM job): no second postmaster elsewhere.
 - ``users``: who uses it (sweeps, views) and ``running()``, which scopes it to a block.
+- ``advisory``: the driver's advisory lock on its sweep's database: one driver per sweep database.
 """
 
 from __future__ import annotations

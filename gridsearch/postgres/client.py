@@ -40,8 +40,15 @@ def hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def sqlalchemy_url(creds: Credentials, dbname: str) -> str:
-    """The SQLAlchemy (psycopg2) URL for ``creds.user`` on ``dbname``; never holds the password.
+def search_path(schema: str | None) -> dict[str, str]:
+    """libpq ``options`` that make ``schema`` the only one unqualified names resolve in (and tables
+    are created in): a table missing there is missing, never found in ``public``."""
+    return {"options": f"-csearch_path={schema}"} if schema else {}
+
+
+def sqlalchemy_url(creds: Credentials, dbname: str, schema: str | None = None) -> str:
+    """The SQLAlchemy (psycopg2) URL for ``creds.user`` on ``dbname`` (in ``schema``, if given);
+    never holds the password.
 
     An empty ``creds.host`` leaves host and port out: the caller then names a unix-socket directory
     in connect_args. User and database names are percent-quoted so any name round-trips."""
@@ -53,6 +60,7 @@ def sqlalchemy_url(creds: Credentials, dbname: str) -> str:
         host=creds.host or None,
         port=creds.port if creds.host else None,
         database=dbname,
+        query=search_path(schema),
     )
     return url.render_as_string(hide_password=False)
 
@@ -72,13 +80,17 @@ def libpq_env(creds: Credentials) -> dict[str, str]:
     return {} if creds.password is None else {"PGPASSWORD": creds.password}
 
 
-def ultrack_address(creds: Credentials, dbname: str) -> str:
-    """``user@host:port/dbname`` for ultrack's ``database.address`` (no password in it)."""
-    return f"{quote(creds.user, safe='')}@{hostport(creds.host, creds.port)}/{quote(dbname, safe='')}"
+def ultrack_address(creds: Credentials, dbname: str, schema: str | None = None) -> str:
+    """``user@host:port/dbname`` for ultrack's ``database.address`` (no password in it), with
+    ``?options=-csearch_path%3D<schema>`` when its tables live in a schema of their own."""
+    query = "".join(f"?{k}={quote(v, safe='')}" for k, v in search_path(schema).items())
+    return f"{quote(creds.user, safe='')}@{hostport(creds.host, creds.port)}/{quote(dbname, safe='')}{query}"
 
 
-def connect(creds: Credentials, dbname: str = "postgres", timeout: int = 10) -> psycopg.Connection:
-    """An autocommit psycopg connection over TCP; a failure becomes one line naming where and who."""
+def connect(creds: Credentials, dbname: str = "postgres", timeout: int = 10,
+            **libpq: Any) -> psycopg.Connection:
+    """An autocommit psycopg connection over TCP; a failure becomes one line naming where and who.
+    ``libpq``: more connection parameters (application_name, keepalives, ...)."""
     kwargs: dict[str, Any] = {
         "host": creds.host,
         "port": creds.port,
@@ -86,6 +98,7 @@ def connect(creds: Credentials, dbname: str = "postgres", timeout: int = 10) -> 
         "dbname": dbname,
         "connect_timeout": timeout,
         "autocommit": True,
+        **libpq,
     }
     if creds.password is not None:
         kwargs["password"] = creds.password

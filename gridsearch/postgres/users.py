@@ -5,13 +5,19 @@ Every sweep and view holds a shared ``flock`` on ``root/users.lock`` while it us
 kernel drops it when the process dies, so a killed user never counts. Leaving, a user tries to take
 the lock exclusively: only the last one gets it, and only it stops a server that was started on
 demand (never one that ``db start``, ``keep: true`` or a SLURM server job keeps up). Newcomers wait
-for the shared lock while it stops, then start the server again."""
+for the shared lock while it stops, then start the server again.
+
+A filesystem without flock (Lustre mounted ``noflock``: ENOSYS) gets a node-local lock file in its
+stead, as ``localflock`` would give: the server runs on one node, and it counts that node's users."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
+import hashlib
 import os
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -22,6 +28,25 @@ from gridsearch.postgres.managed import ManagedServer
 
 USERS_FILE = "users.lock"
 _POLL = 0.1
+
+
+_NO_FLOCK = frozenset({errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK})
+
+
+def _open_users_file(root: Path) -> int:
+    """``root/users.lock``, or a node-local stand-in when its filesystem refuses flock."""
+    fd = os.open(root / USERS_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    except OSError as exc:
+        if exc.errno not in _NO_FLOCK:
+            return fd  # held (a server stopping): flock works here
+        os.close(fd)
+        digest = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
+        return os.open(Path(tempfile.gettempdir()) / f"gridsearch-users-{digest}.lock",
+                       os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    return fd
 
 
 def _try_lock(fd: int, kind: int) -> bool:
@@ -37,7 +62,7 @@ def user_of(root: Path, timeout: float) -> Iterator[Callable[[], bool]]:
     """Count as a user of the server under ``root`` for the block; yields ``last()``, which is
     True for the last user out (who then holds the lock exclusively until the block ends)."""
     root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(root / USERS_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _open_users_file(root)
     try:
         if not wait_until(lambda: _try_lock(fd, fcntl.LOCK_SH), timeout, _POLL):
             raise PostgresError(f"{root / USERS_FILE}: still locked by a stopping server after "
