@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from gridsearch import executors, results
 from gridsearch.backends import open_backend
 from gridsearch.core.errors import GridsearchError, one_line
-from gridsearch.core.files import atomic_write
+from gridsearch.core.files import atomic_write, stamp
 from gridsearch.core.signals import terminate_as_exit
 from gridsearch.executors.base import Executor, ExecutorContext, StageFailed, StageJob
 from gridsearch.inputs import IDENTITY_MARKER
@@ -60,7 +60,7 @@ def archive(ws: Workspace) -> Path | None:
     movable = [p for p in (ws.state_db, ws.root / "trials", ws.logs) if p.exists()]
     if not movable:
         return None
-    dest = ws.root / "archive" / time.strftime("%Y%m%d-%H%M%S")
+    dest = ws.root / "archive" / stamp()
     dest.mkdir(parents=True)
     for p in movable:
         shutil.move(str(p), dest / p.name)

@@ -221,3 +221,20 @@ def test_label_images_dropped_on_request_but_scores_kept(movie: dict[str, Path],
         ctc = Path(row["tracks_csv"]).parent / "ctc"
         assert (ctc / "res_track.txt").is_file() and row["TRA"] > 0.9
         assert bool(list(ctc.glob("mask*.tif"))) is keep
+
+
+def test_two_restarts_within_one_second_archive_apart(tmp_path: Path) -> None:
+    """Archive names are stamped to the millisecond: a second `--restart` in the same second
+    used to collide with the first one's archive."""
+    from gridsearch.engine import archive
+    from gridsearch.workspace import Workspace
+
+    ws = Workspace(tmp_path / "w")
+    made = []
+    for run in range(2):
+        ws.root.mkdir(parents=True, exist_ok=True)
+        ws.state_db.write_text(f"ledger {run}")
+        made.append(archive(ws))
+        time.sleep(0.002)
+    assert made[0] != made[1] and made[0] is not None and made[1] is not None
+    assert [(d / "state.db").read_text() for d in made] == ["ledger 0", "ledger 1"]

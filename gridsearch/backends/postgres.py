@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -19,6 +18,7 @@ from psycopg import sql
 from gridsearch.backends import schemas
 from gridsearch.backends.base import Backend
 from gridsearch.backends.names import db_name, fit_identifier
+from gridsearch.core import files
 from gridsearch.core.errors import first_line
 from gridsearch.postgres import (
     DEFAULT_ROLE,
@@ -70,7 +70,7 @@ class PostgresBackend(Backend):
         job), or, in an existing server's database, the ledger's tables move aside."""
         if self.server is None or self.sweep is None:
             return None
-        stamp = time.strftime("%Y%m%d%H%M%S")
+        stamp = files.stamp()
         if not self.create_databases:
             return self._archive_schema(stamp) if self.schema else self._archive_tables(stamp)
         new = fit_identifier(self.state_db, f"_archived_{stamp}", self.state_db)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -49,3 +50,10 @@ def tail(path: Path | None, lines: int = 8) -> str:
     except OSError:
         return ""
     return "\n".join(text.splitlines()[-lines:])
+
+
+def stamp() -> str:
+    """A timestamp for archive names, to the millisecond: two `--restart`s within one second (a
+    script, a quick retry) must not collide on their archive's name."""
+    now = time.time()
+    return time.strftime("%Y%m%d%H%M%S", time.localtime(now)) + f"{int(now * 1000) % 1000:03d}"
