@@ -204,9 +204,9 @@ def _is_worker(p: psutil.Process) -> bool:
         return False
 
 
-def kill_9(proc: subprocess.Popen) -> list[psutil.Process]:  # type: ignore[type-arg]
+def kill_9(proc: subprocess.Popen) -> tuple[list[psutil.Process], list[psutil.Process]]:  # type: ignore[type-arg]
     """SIGKILL the driver, then the rest of its process group (pg_ctl, initdb, helpers) but not its
-    pool workers: those must die with their driver by themselves. Returns the workers seen."""
+    pool workers: those must die with their driver by themselves. Returns (workers, survivors)."""
     try:
         tree = psutil.Process(proc.pid).children(recursive=True)
     except psutil.Error:
@@ -219,10 +219,9 @@ def kill_9(proc: subprocess.Popen) -> list[psutil.Process]:  # type: ignore[type
             with contextlib.suppress(psutil.Error):
                 p.kill()
     _, alive = psutil.wait_procs(workers, timeout=20)
-    assert not alive, f"pool workers outlived their SIGKILLed driver: {[p.pid for p in alive]}"
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)  # the driver led its own group: nothing may be left in it
-    return workers
+    return workers, alive
 
 
 def spawn(spec: Path, env: Mapping[str, str], log: Path) -> subprocess.Popen:  # type: ignore[type-arg]
@@ -380,7 +379,8 @@ def run_chain(spec: Path, tl: Timeline, plan: list[Aim], seed: int, trace_path: 
         reached = wait_for_aim(proc, reader, tl, aim, spawned)
         assert reached, (f"seed {seed}: life {chain.lives} ended by itself (exit {proc.returncode}) before "
                          f"its kill: {log.read_text()[-2000:]}")
-        chain.workers_seen += kill_9(proc)
+        workers, survivors = kill_9(proc)
+        chain.workers_seen += workers
         last = reader.last_of(proc.pid)
         kill = Kill(len(chain.kills) + 1, aim, time.time() - spawned, last,
                     index.get(last.ident) if last else None)
@@ -389,6 +389,8 @@ def run_chain(spec: Path, tl: Timeline, plan: list[Aim], seed: int, trace_path: 
             position = kill.reference_index
         print(f"  kill {kill.n:2d} life {chain.lives:2d} [{aim.why}] at {kill.at:5.1f} s: "
               f"{kill.landed:14s} ({last or 'before start'})", flush=True)
+        assert not survivors, (f"seed {seed}: pool workers outlived their SIGKILLed driver: "
+                               f"{[p.pid for p in survivors]}")
         # a kill aimed at a required phase that landed elsewhere: aim again, at the next such phase
         want = aim.why.removeprefix("aimed: ").removeprefix("again: ")
         if aim.why.startswith(("aimed", "again")) and kill.landed != want:

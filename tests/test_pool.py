@@ -81,3 +81,15 @@ def test_a_killed_worker_fails_one_trial_and_the_pool_recovers(open_tmp: Path,
     failed = df[df.state == "failed"]
     assert len(failed) == 1 and failed.error.str.contains("exited with code -9").all(), failed.error
     assert (df.state == "done").sum() == len(df) - 1
+
+
+def test_a_worker_whose_driver_died_while_it_started_exits_at_once() -> None:
+    """The parent-death signal only covers a driver that dies after the worker set it: one killed
+    while its workers were still starting used to leave them importing ultrack, reparented, for
+    seconds (found by tests/test_kill_anywhere.py). A worker knows its driver's pid and exits at
+    once, before any work, when its parent is not that driver any more."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    r = subprocess.run([sys.executable, "-m", "gridsearch.worker", "--serve", "--parent", str(dead.pid)],
+                       stdin=subprocess.PIPE, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and r.stdout == "", r.stderr  # never said ready: took no task

@@ -27,7 +27,7 @@ class _Worker:
         self.log = log
         self._logf: IO[bytes] = open(log, "ab")  # noqa: SIM115 (lives as long as the worker)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gridsearch.worker", "--serve"],
+            [sys.executable, "-m", "gridsearch.worker", "--serve", "--parent", str(os.getpid())],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._logf,
