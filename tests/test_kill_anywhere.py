@@ -47,6 +47,7 @@ KILLS = int(os.environ.get("GRIDSEARCH_KILLS", "20"))
 STARTUP_SHARE = 0.15  # kills drawn inside start-up, before the driver did anything: a minority
 REQUIRED = ("clear", "batches", "export", "metrics")  # each aimed at at least once
 LIFE_TIMEOUT_S = 600.0
+MAX_RETRIES = 6  # kills aimed again at a required phase that the first aim missed
 
 # 2 segment x 2 link x 2 solve configs: 8 trials, 14 stage runs; ground truth, so metrics run too
 GRID = """\
@@ -344,7 +345,7 @@ class Chain:
     seed: int
     kills: list[Kill] = field(default_factory=list)
     lives: int = 0  # driver runs, the final one included
-    retries: int = 0  # kills aimed again at a required phase the first aim missed
+    retries: int = 0
     workers_seen: list[psutil.Process] = field(default_factory=list)
     # trial key -> highest stage-run id when a kill found it finished; its tracks.csv then
     finished_at_run: dict[str, int] = field(default_factory=dict)
@@ -391,11 +392,12 @@ def run_chain(spec: Path, tl: Timeline, plan: list[Aim], seed: int, trace_path: 
               f"{kill.landed:14s} ({last or 'before start'})", flush=True)
         assert not survivors, (f"seed {seed}: pool workers outlived their SIGKILLed driver: "
                                f"{[p.pid for p in survivors]}")
-        # a kill aimed at a required phase that landed elsewhere: aim again, at the next such phase
-        want = aim.why.removeprefix("aimed: ").removeprefix("again: ")
-        if aim.why.startswith(("aimed", "again")) and kill.landed != want:
+        # a kill aimed at a required phase not hit yet that landed elsewhere: aim again, at the start
+        # of the next such phase
+        want = tl.instances[aim.index].category if aim.index is not None else "startup"
+        if want in REQUIRED and want not in chain.distribution() and chain.retries < MAX_RETRIES:
             j = tl.next_of(want, position)
-            if j is not None and chain.retries < 6:
+            if j is not None:
                 chain.retries += 1
                 queue.insert(0, Aim(j, 0.0, f"again: {want}"))
         keys, top = finished_trials(spec)
@@ -414,11 +416,12 @@ def run_chain(spec: Path, tl: Timeline, plan: list[Aim], seed: int, trace_path: 
 def _report(name: str, seed: int, tl: Timeline, chain: Chain, runs: pd.DataFrame) -> None:
     dist = chain.distribution()
     states = runs.state.value_counts().to_dict()
-    print(f"\n[{name}] seed {seed} (GRIDSEARCH_KILL_SEED={seed} replays it): {len(chain.kills)} kills, "
-          f"{chain.lives} driver runs; reference sweep {tl.wall:.0f} s (start-up {tl.startup:.1f} s), "
-          f"chain {chain.wall:.0f} s")
+    print(f"\n[{name}] seed {seed} (GRIDSEARCH_KILL_SEED={seed} replays it): {len(chain.kills)} kills "
+          f"({chain.retries} aimed again), {chain.lives} driver runs; reference sweep {tl.wall:.0f} s "
+          f"(start-up {tl.startup:.1f} s), chain {chain.wall:.0f} s")
     print(f"[{name}] landed: " + ", ".join(f"{k} {v}" for k, v in dist.most_common()))
-    print(f"[{name}] stage runs: {states}; pool workers seen dying with their driver: "
+    print(f"[{name}] stage runs: {states}; trials found finished after a kill (never touched again): "
+          f"{len(chain.finished_at_run)}; pool workers that died with their driver: "
           f"{len(chain.workers_seen)}")
 
 
@@ -441,15 +444,19 @@ def chain_test(directory: Path, movie: dict[str, Path], name: str, extra: str) -
 
     plan = draw_plan(random.Random(seed), tl, KILLS)
     chain = run_chain(spec, tl, plan, seed, directory / f"{name}.trace", log)
-
     sw = load(spec)
+    why = f"seed {seed} (GRIDSEARCH_KILL_SEED={seed} replays it)"
+    if sw.database.kind == "postgresql":  # the last resume stopped the server the killed ones left up
+        from gridsearch.backends.postgres import managed_server
+
+        assert not managed_server(sw, Workspace(sw.workdir)).is_running(), f"{why}: server left running"
+
     with existing_ledger(sw) as led:
         assert led is not None
         df = results.table(sw, led)
         runs = pd.DataFrame(led.stage_runs())
         attempts = led.study.get_trials(deepcopy=False)
     _report(name, seed, tl, chain, runs)
-    why = f"seed {seed} (GRIDSEARCH_KILL_SEED={seed} replays it)"
 
     assert len(chain.kills) >= KILLS, why
     dist = chain.distribution()
@@ -478,10 +485,6 @@ def chain_test(directory: Path, movie: dict[str, Path], name: str, extra: str) -
     # nothing left behind: workers, the lock, a managed server
     assert not [p.pid for p in chain.workers_seen if p.is_running()], why
     assert Workspace(sw.workdir).holder() is None, why
-    if sw.database.kind == "postgresql":
-        from gridsearch.backends.postgres import managed_server
-
-        assert not managed_server(sw, Workspace(sw.workdir)).is_running(), f"{why}: server left running"
 
 
 def test_driver_killed_anywhere_on_sqlite(movie: dict[str, Path], tmp_path: Path) -> None:
