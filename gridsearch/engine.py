@@ -19,6 +19,7 @@ from gridsearch.backends import open_backend
 from gridsearch.core.errors import GridsearchError, one_line
 from gridsearch.core.files import atomic_write, stamp
 from gridsearch.core.signals import terminate_as_exit
+from gridsearch.core.trace import phase
 from gridsearch.executors.base import Executor, ExecutorContext, StageFailed, StageJob
 from gridsearch.inputs import IDENTITY_MARKER
 from gridsearch.ledger import Ledger
@@ -77,6 +78,7 @@ class _StageEvents:
         self.walls: dict[Stage, float] = {}
 
     def stage_started(self, stage: Stage, n_batches: int) -> None:
+        phase("stage", self.trial.key, stage.label)
         self.ledger.start_stage(self.runs[stage], n_batches)
         self.reporter.stage_started(stage, n_batches)
 
@@ -118,6 +120,7 @@ def plan_for(sweep: Sweep, ledger: Ledger | None) -> Plan:
 
 
 def run_sweep(sweep: Sweep, *, restart: bool = False, reporter: Reporter | None = None) -> Outcome:
+    phase("start")
     rep = reporter or Silent()
     ws = Workspace(sweep.workdir)
     check_writable(sweep.workdir, sweep.path)
@@ -142,6 +145,7 @@ def run_sweep(sweep: Sweep, *, restart: bool = False, reporter: Reporter | None 
                 try:
                     driver = _Driver(sweep, ws, ledger, backend.ultrack_db(MAIN_DB), executor, rep)
                     outcome = driver.run(plan, lease.check)
+                    phase("end")
                 finally:
                     executor.close()
                     rep.close()
@@ -178,6 +182,7 @@ class _Driver:
     def _jobs(self, trial: Trial, first: Stage, config_path: Path) -> list[StageJob]:
         """Open a run per stage (re-attaching a killed driver's live jobs), clear what is stale."""
         stages = [s for s in Stage if s >= first]
+        phase("clear", trial.key, first.label)
         self.ledger.invalidate(self.db.name, first)
         adopted = self.executor.reattach(trial.key, first)
         if not adopted:
@@ -192,6 +197,7 @@ class _Driver:
 
     def run_trial(self, planned: PlannedTrial, k: int, n: int) -> bool:
         trial = planned.trial
+        phase("trial", trial.key)
         # The plan fixed the order; what to clear is decided against the database as it is now.
         first = earliest_changed_stage(self.ledger.held(self.db.name), trial.fingerprints)
         self.rep.trial_started(k, n, trial, first)
@@ -205,6 +211,7 @@ class _Driver:
                 jobs = self._jobs(trial, first, config_path)
                 events.runs.update({j.stage: j.run_id for j in jobs})
                 self.executor.run(jobs, events)
+            phase("export", trial.key)
             with fd_redirect(self.ws.logs / "ultrack.log"):
                 data = self.sweep.file
                 figures, metrics = results.export_trial(config_path, tdir, self.sweep.shape[0],
@@ -220,7 +227,9 @@ class _Driver:
         finally:
             for s in events.walls:
                 self.stage_runs[s] += 1
+        phase("record", trial.key)
         self._record(trial, number, figures, metrics, config_path, tdir)
+        phase("finished", trial.key)
         return True
 
     def _solver(self, trial: Trial) -> str:

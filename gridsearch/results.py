@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from gridsearch.core.files import atomic_write
+from gridsearch.core.trace import phase
 from gridsearch.ledger import Ledger
 from gridsearch.spec import Sweep
 from gridsearch.stages import Stage
@@ -71,6 +72,7 @@ def export_trial(
     figures = summarize(tracks, n_frames)
     metrics: dict[str, float] = {}
     if ground_truth is not None:
+        phase("metrics", out_dir.name)
         metrics = score_ctc(cfg, out_dir / "ctc", ground_truth, keep_label_images, empty=tracks.empty)
     return figures, metrics
 

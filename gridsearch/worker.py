@@ -85,20 +85,21 @@ def run_and_acknowledge(task: BatchTask, ledger: sa.Engine | None = None) -> Bat
     return cost
 
 
-def die_with_parent() -> None:
+def die_with_parent(parent: int | None) -> None:
     """A pool worker must not outlive its driver: after a driver's kill -9, a worker that wrote on
     would insert rows while the next driver clears the database. Linux's parent-death signal
-    kills it with its parent; a parent already gone before it was set means exit now."""
-    parent = os.getppid()
+    kills it with its parent. ``parent``: the driver's pid, as the driver said: one that died while
+    this process was still starting (before the signal was set) left it to another parent; exit."""
+    expected = parent if parent is not None else os.getppid()
     with contextlib.suppress(OSError, AttributeError):  # not Linux: the driver's close() still applies
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:
+    if os.getppid() != expected:
         os._exit(1)
 
 
-def serve() -> int:
+def serve(parent: int | None = None) -> int:
     """JSON-lines loop on stdin/stdout: one task in, one result out. Logs go to stderr."""
-    die_with_parent()
+    die_with_parent(parent)
     # ultrack, tqdm and the CBC solver (C code) print to fd 1: the protocol gets its own fd and
     # fd 1 becomes a copy of stderr (the worker's log).
     out = os.fdopen(os.dup(1), "w", buffering=1)
@@ -125,6 +126,7 @@ def serve() -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m gridsearch.worker")
     ap.add_argument("--serve", action="store_true", help="long-lived JSON-lines worker")
+    ap.add_argument("--parent", type=int, help="with --serve: the driver's pid (the worker dies with it)")
     ap.add_argument("--stage")
     ap.add_argument("--config", type=Path)
     ap.add_argument("--batch", type=int)
@@ -134,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run", type=int)
     a = ap.parse_args(argv)
     if a.serve:
-        return serve()
+        return serve(a.parent)
     batch = a.batch if a.batch is not None else int(os.environ["SLURM_ARRAY_TASK_ID"])
     run_and_acknowledge(BatchTask(a.stage, str(a.config), a.fg, a.ct, a.ledger, a.run, batch))
     return 0

@@ -107,3 +107,15 @@ def test_last_frames_without_cells_and_several_solve_windows_match_in_process(op
     pd.testing.assert_frame_equal(comparable(dfs[1]), comparable(dfs[0]))
     tracks = pd.read_csv(dfs[1].tracks_csv.iloc[0])
     assert tracks.t.max() == 3 and tracks.t.nunique() == 4
+
+
+def test_a_worker_whose_driver_died_while_it_started_exits_at_once() -> None:
+    """The parent-death signal only covers a driver that dies after the worker set it: one killed
+    while its workers were still starting used to leave them importing ultrack, reparented, for
+    seconds (found by tests/test_kill_anywhere.py). A worker knows its driver's pid and exits at
+    once, before any work, when its parent is not that driver any more."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    r = subprocess.run([sys.executable, "-m", "gridsearch.worker", "--serve", "--parent", str(dead.pid)],
+                       stdin=subprocess.PIPE, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and r.stdout == "", r.stderr  # never said ready: took no task

@@ -105,22 +105,45 @@ def test_initdb_failure_is_one_line(base: Path) -> None:
     assert str(root / "data") in _one_line(ei.value)
 
 
+def _fake_initdb(directory: Path, script: str) -> Path:
+    """A bin dir with the real server binaries but this shell script as initdb."""
+    real = find_binaries()
+    directory.mkdir(mode=0o755)
+    for name in ("pg_ctl", "pg_isready", "postgres"):
+        (directory / name).symlink_to(real / name)
+    (directory / "initdb").write_text("#!/bin/sh\n" + script)
+    (directory / "initdb").chmod(0o755)
+    return directory
+
+
 def test_initdb_error_is_reported_in_one_line(base: Path) -> None:
     """Disk full and friends: initdb's own error line reaches the user, nothing more."""
-    real = find_binaries()
-    fake = base / "fakebin"
-    fake.mkdir(mode=0o755)
-    for name in ("pg_ctl", "pg_isready", "postgres"):
-        (fake / name).symlink_to(real / name)
-    (fake / "initdb").write_text(
-        "#!/bin/sh\necho 'creating directory ... ok'\n"
-        "echo 'initdb: error: could not write to file: No space left on device' >&2\nexit 1\n"
-    )
-    (fake / "initdb").chmod(0o755)
+    fake = _fake_initdb(base / "fakebin", (
+        "echo 'creating directory ... ok'\n"
+        "echo 'initdb: error: could not write to file: No space left on device' >&2\nexit 1\n"))
     with pytest.raises(PostgresError) as ei:
         ManagedServer(base / "full" / "postgres", bindir=fake).start()
     msg = _one_line(ei.value)
     assert msg.startswith("initdb failed in ") and msg.endswith("No space left on device")
+
+
+def test_initdb_killed_halfway_leaves_nothing_that_looks_initialised(base: Path) -> None:
+    """initdb writes PG_VERSION before the catalogs: a driver SIGKILLed in between used to leave a
+    data dir that looked initialised and never started (found by tests/test_kill_anywhere.py). The
+    cluster is made beside it and renamed into place complete; a killed attempt's is thrown away."""
+    fake = _fake_initdb(base / "dyingbin", (  # what a kill halfway leaves: the version, no catalogs
+        'while [ $# -gt 0 ]; do [ "$1" = -D ] && d="$2"; shift; done\n'
+        'mkdir -p "$d/global" && echo 15 > "$d/PG_VERSION"\nkill -9 $$\n'))
+    root = base / "killed-initdb" / "postgres"
+    with pytest.raises(PostgresError, match="initdb failed"):
+        ManagedServer(root, bindir=fake).start()
+    assert not (root / "data").exists()
+    server = ManagedServer(root)
+    try:
+        assert server.start() is True and server.is_running()
+        assert not (root / "data.initdb").exists()
+    finally:
+        server.stop()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root hands the server to another OS user")

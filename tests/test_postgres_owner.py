@@ -210,3 +210,30 @@ def test_a_record_of_an_ended_slurm_job_is_forgotten(
     assert slurm_server.forget_ended_owner(ws) is False and owner.read(ws.root / "postgres") == ghost
     monkeypatch.setattr(slurm_server, "job_state", lambda job: "NODE_FAIL")
     assert slurm_server.forget_ended_owner(ws) is True and owner.read(ws.root / "postgres") is None
+
+
+def test_a_starter_killed_before_its_record_leaves_the_server_on_demand(open_tmp: Path) -> None:
+    """A sweep SIGKILLed once its server answered but before it wrote the owner record: the next
+    sweep used to take the server for one someone keeps up, and it outlived the sweep (found by
+    tests/test_kill_anywhere.py). The starter's intent, written before pg_ctl start, says it was
+    on demand: the last user out stops it. Without an intent (started by hand) it is kept up."""
+    from gridsearch.postgres import running
+
+    root = open_tmp / "intent" / "postgres"
+    die_before_recording = ("import os\nfrom gridsearch.postgres import ManagedServer, owner\n"
+                            "owner.record = lambda *a, **k: os.kill(os.getpid(), 9)\n"
+                            f"ManagedServer({str(root)!r}).start(on_demand=True)\n")
+    r = subprocess.run([sys.executable, "-c", die_before_recording], capture_output=True, text=True)
+    server = ManagedServer(root)
+    try:
+        assert r.returncode == -9 and server.is_running() and owner.read(root) is None, r.stderr
+        with running(ManagedServer(root)):
+            assert owner.read(root).on_demand  # type: ignore[union-attr]
+        assert not server.is_running(), "the killed sweep's server outlived its last user"
+        assert server.start() is True  # on_demand=False: `db start`
+        owner.clear(root)  # a server found without a record, nobody's intent
+        with running(ManagedServer(root)):
+            pass
+        assert server.is_running()
+    finally:
+        server.stop()

@@ -27,7 +27,7 @@ class _Worker:
         self.log = log
         self._logf: IO[bytes] = open(log, "ab")  # noqa: SIM115 (lives as long as the worker)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gridsearch.worker", "--serve"],
+            [sys.executable, "-m", "gridsearch.worker", "--serve", "--parent", str(os.getpid())],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._logf,
@@ -51,10 +51,14 @@ class _Worker:
             raise _WorkerDied(f"worker process exited with code {self.proc.wait()}")
         return json.loads(line)
 
-    def close(self) -> None:
+    def hang_up(self) -> None:
+        """End of input: the worker finishes its batch, if any, and exits."""
         with contextlib.suppress(Exception):
             assert self.proc.stdin is not None
             self.proc.stdin.close()
+
+    def close(self) -> None:
+        self.hang_up()
         try:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
@@ -140,6 +144,8 @@ class PoolExecutor(Executor):
         return StageFailed(job.stage, batch, str(msg["error"]), w.log, tail(w.log))
 
     def close(self) -> None:
+        for w in self.workers:  # all at once: an exiting worker takes seconds (ultrack, torch)
+            w.hang_up()
         for w in self.workers:
             with contextlib.suppress(KeyError, ValueError):
                 self.sel.unregister(w.proc.stdout)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 from pathlib import Path
@@ -204,23 +205,32 @@ class ManagedServer(PostgresServer):
     # ---- lifecycle
 
     def init(self) -> bool:
-        """initdb with peer auth on the socket and scram-sha-256 over TCP; False if already done."""
+        """initdb with peer auth on the socket and scram-sha-256 over TCP; False if already done.
+
+        initdb writes PG_VERSION first and the catalogs last: a driver killed in between would leave
+        a data dir that looks initialised and never starts. So the cluster is made beside it, in
+        ``root/data.initdb`` (a killed attempt's is thrown away), and renamed into place complete."""
         if self.initialized():
             return False
-        osuser.ensure_os_user(self.os_user)
-        osuser.private_dir(self.root, self.os_user)
-        osuser.check_traversable(self.os_user, self.root)
+        user = self.os_user  # decided before the data dir exists: the server user, as root
+        osuser.ensure_os_user(user)
+        osuser.private_dir(self.root, user)
+        osuser.check_traversable(user, self.root)
         if self.data_dir.exists() and any(self.data_dir.iterdir()):
             raise PostgresError(f"{self.data_dir} exists, is not empty and holds no PostgreSQL cluster")
-        argv = [str(self.bindir / "initdb"), "-D", str(self.data_dir), "-U", self.superuser,
+        staging = self.root / "data.initdb"
+        shutil.rmtree(staging, ignore_errors=True)
+        argv = [str(self.bindir / "initdb"), "-D", str(staging), "-U", self.superuser,
                 "--auth-local=peer", "--auth-host=scram-sha-256", "--encoding=UTF8", "--locale=C",
                 "--no-instructions"]
         res = self._run(argv, "initdb")
         if res.returncode != 0:
+            shutil.rmtree(staging, ignore_errors=True)
             reason = conf.initdb_failure_reason(res.stdout, res.stderr)
             raise PostgresError(f"initdb failed in {self.data_dir}: {reason}")
-        main_conf = self.data_dir / "postgresql.conf"
+        main_conf = staging / "postgresql.conf"
         self._write_private(main_conf, main_conf.read_text() + conf.INCLUDE_SETTINGS)
+        os.replace(staging, self.data_dir)  # an empty data dir is replaced; a full one refused above
         return True
 
     def start(self, *, on_demand: bool = False) -> bool:
@@ -232,8 +242,11 @@ class ManagedServer(PostgresServer):
         # A postmaster that is alive but not accepting yet is starting up: wait for it.
         if self.is_running() or (self.pid() is not None and self._wait_ready()):
             self._create_role(self.role)
-            if rec is None or (rec.on_demand and not on_demand):
-                self._record(on_demand=on_demand and rec is not None)
+            if rec is None:  # its starter died before recording it: on demand if it meant so
+                self._record(on_demand=on_demand and owner.intended_on_demand(self.root, self._started()))
+            elif rec.on_demand and not on_demand:
+                self._record(on_demand=False)
+            owner.forget_intent(self.root)
             return False
         port = self._port = choose_port(
             self.listen_addresses, self.requested_port, self._configured_port(), self.host
@@ -243,6 +256,7 @@ class ManagedServer(PostgresServer):
         self._write_config(port)
         argv = [str(self.bindir / "pg_ctl"), "start", "-w", "-t", str(self.timeout),
                 "-D", str(self.data_dir), "-l", str(self.log_file)]
+        owner.intend(self.root, on_demand, self.timeout + 30.0)
         res = self._run(argv, "pg_ctl start")
         if res.returncode != 0 or not self._isready(str(self.socket_dir), port):
             raise PostgresError(
@@ -251,10 +265,17 @@ class ManagedServer(PostgresServer):
             )
         self._create_role(self.role)
         self._record(on_demand)
+        owner.forget_intent(self.root)
         return True
 
+    def _started(self) -> float | None:
+        """When the running postmaster started (postmaster.pid's third line, epoch seconds)."""
+        start = (self._pidfile() or {}).get("start", "")
+        return float(start) if start.isdigit() else None
+
     def _record(self, on_demand: bool) -> None:
-        """The owner record, once the server answers (a server found without one is kept up)."""
+        """The owner record, once the server answers (a server found without one is kept up,
+        unless its starter's intent says it was started on demand)."""
         pid = self.pid()
         if pid is not None:
             owner.record(self.root, self.host, self.port, pid, on_demand)

@@ -23,6 +23,7 @@ from gridsearch.core.files import atomic_write
 from gridsearch.postgres.client import PostgresError, hostport
 
 OWNER_FILE = "owner.json"
+STARTING_FILE = "starting.json"
 # A live postmaster re-reads postmaster.pid every minute and shuts down once it is gone or not its
 # own: a record whose postmaster.pid vanished longer ago than this names no running server.
 FRESH_S = 120.0
@@ -172,3 +173,28 @@ def record(root: Path, address: str, port: int, pid: int, on_demand: bool) -> Ow
     owner = Owner(this_host(), address, port, pid, now(), os.environ.get("SLURM_JOB_ID"), on_demand)
     write(root, owner)
     return owner
+
+
+def intend(root: Path, on_demand: bool, timeout: float) -> None:
+    """Before ``pg_ctl start``: whether the server about to start is on demand. A starter killed
+    after the postmaster came up but before its record was written leaves this behind, so the
+    next user knows a sweep's server from one someone keeps up, and the last user still stops it."""
+    text = json.dumps({"host": this_host(), "on_demand": on_demand, "at": time.time(), "within": timeout})
+    atomic_write(root / STARTING_FILE, text + "\n", mode=0o644)
+
+
+def forget_intent(root: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        (root / STARTING_FILE).unlink()
+
+
+def intended_on_demand(root: Path, postmaster_start: float | None) -> bool:
+    """A server found running without a record: on demand only if an intent of this host says so
+    and that start launched this very postmaster (it started within the start's time limit)."""
+    try:
+        intent = json.loads((root / STARTING_FILE).read_text())
+        at, within = float(intent["at"]), float(intent["within"])
+    except (OSError, ValueError, TypeError, KeyError):
+        return False
+    launched = postmaster_start is not None and at - 1.0 <= postmaster_start <= at + within
+    return intent.get("host") == this_host() and launched and intent.get("on_demand") is True
