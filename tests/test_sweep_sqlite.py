@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 import subprocess
 import sys
 import time
@@ -110,20 +109,6 @@ def test_second_driver_is_refused_by_the_lock(movie: dict[str, Path], tmp_path: 
                            capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and "another sweep is running" in r.stderr
-
-
-def _running_stage(state_db: Path) -> tuple[str, int] | None:
-    if not state_db.exists():
-        return None
-    try:
-        with sqlite3.connect(state_db, timeout=1) as c:
-            row = c.execute(
-                "select stage from gs_stage_run where state='running' order by id desc"
-            ).fetchone()
-            done = c.execute("select count(*) from gs_stage_run where state='done'").fetchone()[0]
-    except sqlite3.Error:
-        return None
-    return (row[0], done) if row and done >= 3 else None
 
 
 def test_restart_archives_earlier_results_and_starts_over(movie: dict[str, Path], tmp_path: Path) -> None:
