@@ -180,12 +180,7 @@ def _tagged(name: str, tags: Sequence[str], notify: Callable[[str], None]) -> st
                if tag in tags]
         return ids[0] if ids else None
 
-    deadline = time.monotonic() + _RECONCILE_S
-    while True:
-        found = patiently(lookup, PATIENCE_S, notify, f"squeue for {name}")
-        if found is not None or time.monotonic() > deadline:
-            return found
-        time.sleep(2)
+    return wait_until(lambda: patiently(lookup, PATIENCE_S, notify, f"squeue for {name}"), _RECONCILE_S, 2.0)
 
 
 def submit_array(req: ArrayRequest, spec: ExecutorSpec, env: Mapping[str, str] | None = None,
