@@ -601,3 +601,23 @@ def test_a_harsh_cluster_forgets_times_out_drains_and_answers_sbatch_late(
     gone = subprocess.run(["squeue", "-h", "-t", "all", "-j", rows.job_id.iloc[0]],
                           capture_output=True, text=True)
     assert gone.stdout.strip() == "", gone.stdout
+
+
+@cluster
+def test_an_sbatch_refusal_stops_the_sweep_in_one_line(open_tmp: Path, short_movie: dict[str, Path]) -> None:
+    """A link array no node can take: every trial would meet the same refusal, so the sweep stops
+    with sbatch's reason instead of failing trial after trial; the trial stays resumable."""
+    extra = SLURM.replace("poll_seconds: 1}", 'poll_seconds: 1, stages: {link: {mem: "100000G"}}}')
+    spec = write_spec(open_tmp, short_movie, name="slrefused", grid=GRID, extra=extra)
+    proc = _sweep(spec)
+    try:
+        _out, err = proc.communicate(timeout=300)
+        df, _rows = _ledger(spec)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        _stop_server(spec)
+    lines = err.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, err
+    assert "sbatch for" in lines[0] and "-link failed:" in lines[0], err
+    assert "failed" not in set(df.state) and "done" not in set(df.state), df

@@ -225,3 +225,11 @@ def test_reattach_waits_for_live_arrays_and_submits_what_the_dead_driver_had_not
                      acks(segment=[0, 2]))
     assert d.submit == [Submission(2, [0, 1, 2], 0), Submission(3, [0], 0)]
     assert chain.after(2) == ["51"]
+
+
+def test_a_task_that_hit_its_time_limit_names_the_setting_to_raise() -> None:
+    from gridsearch.slurm.chain import GiveUp
+
+    why = GiveUp(Stage.LINK, 1, TaskState("TIMEOUT", "TimeLimit"), 1, None).why
+    assert why.startswith("TIMEOUT") and "executor.stages.link.time" in why
+    assert "executor.stages" not in GiveUp(Stage.LINK, 1, FAILED, 1, None).why
