@@ -12,6 +12,15 @@ import pytest
 from helpers import write_spec
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The SLURM tests share one test cluster (and some change its settings): one worker runs them
+    all, in turn. The longest chains go first, so the two workers end close together."""
+    for item in items:
+        if item.get_closest_marker("slurm") or item.get_closest_marker("switches_cluster_mode"):
+            item.add_marker(pytest.mark.xdist_group("slurm"))
+    items.sort(key=lambda item: "test_kill_anywhere" not in item.nodeid)
+
+
 @pytest.fixture(scope="session")
 def movie(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from gridsearch.synth import generate_movie

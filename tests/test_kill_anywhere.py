@@ -166,8 +166,10 @@ def draw_plan(rng: random.Random, tl: Timeline, n: int) -> list[Aim]:
     driver that runs a segment: the dearest kills, and always the same fault.)"""
     n_startup = max(1, round(n * STARTUP_SHARE))
     progress = []
+    # not the last trial's "finished" nor "end": what follows them is the exit, which a kill would race
+    last = max(i for i, e in enumerate(tl.instances) if e.phase == "finished") - 1
     for _ in range(n - n_startup):
-        i = rng.randrange(len(tl.instances))
+        i = rng.randrange(last + 1)
         progress.append(Aim(i, rng.uniform(0, tl.durations[i]), "uniform"))
     # at least one aim at each required phase, in the first 60 % of the sweep: a miss is aimed again
     replaceable = list(range(len(progress)))
@@ -249,16 +251,29 @@ def wait_for_aim(proc: subprocess.Popen, trace: TraceReader, tl: Timeline, aim: 
     index = tl.index()
     deadline = spawned + LIFE_TIMEOUT_S
     while time.time() < deadline:
-        for e in trace.read():
+        mine = [e for e in trace.read() if e.pid == proc.pid]
+        for n, e in enumerate(mine):
             j = index.get(e.ident)
-            if e.pid != proc.pid or j is None or j < aim.index:
+            if j is None or j < aim.index:
                 continue
-            if j > aim.index:  # the resumed driver went past it (its own order): kill here
+            if j > aim.index or n + 1 < len(mine):  # the driver went past it already: kill here
                 return proc.poll() is None
-            return not _exited(proc, e.t + aim.offset - time.time())
+            return _offset_into(proc, trace, e.t + aim.offset)
         if _exited(proc, 0.005):
             return False
     raise AssertionError(f"driver {proc.pid} never reached {tl.instances[aim.index]} in {LIFE_TIMEOUT_S} s")
+
+
+def _offset_into(proc: subprocess.Popen, trace: TraceReader, at: float) -> bool:  # type: ignore[type-arg]
+    """Wait until `at`, or until the driver leaves the aimed phase, whichever comes first: a resumed
+    driver may pass a phase faster than the reference did (warm caches, nothing left to do), and
+    near the end of the sweep it would otherwise exit before its kill."""
+    while time.time() < at:
+        if any(e.pid == proc.pid for e in trace.read()):
+            break
+        if _exited(proc, min(0.005, at - time.time())):
+            return False
+    return proc.poll() is None
 
 
 # ------------------------------------------------------------------ reading the ledger
