@@ -15,12 +15,13 @@ from typing import Any
 import sqlalchemy as sa
 
 from gridsearch import executors, results
-from gridsearch.backends import open_backend
+from gridsearch.backends import Backend, open_backend
+from gridsearch.branches import Forest, Move, Node, build_tree
 from gridsearch.core.errors import GridsearchError, one_line
 from gridsearch.core.files import atomic_write, stamp
 from gridsearch.core.signals import terminate_as_exit
 from gridsearch.core.trace import phase
-from gridsearch.executors.base import Executor, ExecutorContext, StageFailed, StageJob
+from gridsearch.executors.base import Executor, ExecutorContext, Handle, StageFailed, StageJob
 from gridsearch.inputs import IDENTITY_MARKER
 from gridsearch.ledger import Ledger
 from gridsearch.planner import Plan, PlannedTrial, make_plan
@@ -143,7 +144,7 @@ def run_sweep(sweep: Sweep, *, restart: bool = False, reporter: Reporter | None 
                 executor = executors.create(ExecutorContext(sweep, ws, backend, ledger, rep.message))
                 rep.sweep_started(plan)
                 try:
-                    driver = _Driver(sweep, ws, ledger, backend.ultrack_db(MAIN_DB), executor, rep)
+                    driver = _driver(sweep, ws, ledger, backend, executor, rep)
                     outcome = driver.run(plan, lease.check)
                     phase("end")
                 finally:
@@ -153,6 +154,22 @@ def run_sweep(sweep: Sweep, *, restart: bool = False, reporter: Reporter | None 
                 ledger.close()
     outcome.wall_s = time.perf_counter() - t0
     return outcome
+
+
+def _driver(sweep: Sweep, ws: Workspace, ledger: Ledger, backend: Backend, executor: Executor,
+            rep: Reporter) -> _Driver:
+    """`parallel: 1`, or an executor that runs one unit at a time: the serial path."""
+    k = sweep.file.parallel
+    if k > 1 and not executor.concurrent:
+        rep.message(f"parallel: {k} is not available with executor {sweep.executor.kind} yet: "
+                    "branches run one after another")
+    if k > 1 and executor.concurrent:
+        if not backend.can_fork:
+            rep.message(f"parallel: {k}: this database cannot be forked (one schema on a server "
+                        "someone else runs): branches run one after another")
+        else:
+            return _BranchDriver(sweep, ws, ledger, backend, executor, rep, k)
+    return _Driver(sweep, ws, ledger, backend.ultrack_db(MAIN_DB), executor, rep)
 
 
 class _Driver:
@@ -179,15 +196,17 @@ class _Driver:
                 failed += 1
         return Outcome(completed, failed, len(plan.trials) - len(pending), self.stage_runs, 0.0)
 
-    def _jobs(self, trial: Trial, first: Stage, config_path: Path) -> list[StageJob]:
+    def _jobs(self, trial: Trial, first: Stage, config_path: Path, db: UltrackDB | None = None,
+              last: Stage = Stage.SOLVE) -> list[StageJob]:
         """Open a run per stage (re-attaching a killed driver's live jobs), clear what is stale."""
-        stages = [s for s in Stage if s >= first]
+        db = db or self.db
+        stages = [s for s in Stage if first <= s <= last]
         phase("clear", trial.key, first.label)
-        self.ledger.invalidate(self.db.name, first)
+        self.ledger.invalidate(db.name, first)
         adopted = self.executor.reattach(trial.key, first)
         if not adopted:
-            self.db.clear(first)
-        runs = self.ledger.open_stage_runs(self.db.name, trial.key, trial.fingerprints, stages, adopted)
+            db.clear(first)
+        runs = self.ledger.open_stage_runs(db.name, trial.key, trial.fingerprints, stages, adopted)
         window = trial.sections["tracking"].get("window_size")
         data = self.sweep.file.data
         return [StageJob(s, runs[s], stage_phases(s, self.sweep.shape[0], self.executor.frames_per_batch,
@@ -211,11 +230,7 @@ class _Driver:
                 jobs = self._jobs(trial, first, config_path)
                 events.runs.update({j.stage: j.run_id for j in jobs})
                 self.executor.run(jobs, events)
-            phase("export", trial.key)
-            with fd_redirect(self.ws.logs / "ultrack.log"):
-                data = self.sweep.file
-                figures, metrics = results.export_trial(config_path, tdir, self.sweep.shape[0],
-                                                        data.data.ground_truth, data.keep_label_images)
+            figures, metrics = self._export(trial, config_path, tdir)
         except (GridsearchError, sa.exc.OperationalError):
             raise  # cancelled, or a service down (the database server): the sweep stops, resumable
         except Exception as e:  # a stage, the clear or the export failed: this trial, not the sweep
@@ -231,6 +246,14 @@ class _Driver:
         self._record(trial, number, figures, metrics, config_path, tdir)
         phase("finished", trial.key)
         return True
+
+    def _export(self, trial: Trial, config_path: Path,
+                tdir: Path) -> tuple[dict[str, float], dict[str, float]]:
+        phase("export", trial.key)
+        with fd_redirect(self.ws.logs / "ultrack.log"):
+            data = self.sweep.file
+            return results.export_trial(config_path, tdir, self.sweep.shape[0], data.data.ground_truth,
+                                        data.keep_label_images)
 
     def _solver(self, trial: Trial) -> str:
         """What the trial's solve ran with, as resolved on this host (a SLURM node may differ).
@@ -257,3 +280,149 @@ class _Driver:
         value = {**figures, **metrics}.get(self.sweep.objective, float("nan"))
         self.ledger.finish_trial(number, float(value), attrs)
         self.rep.trial_finished(trial, True, "")
+
+
+@dataclass(eq=False)
+class _Unit:
+    """One node of the tree in flight on one database."""
+
+    db: UltrackDB
+    node: Node
+    trial: Trial
+    number: int
+    config_path: Path
+    events: _StageEvents
+
+
+class _BranchDriver(_Driver):
+    """Independent branches at once, each on its own database (gridsearch.branches decides)."""
+
+    def __init__(self, sweep: Sweep, ws: Workspace, ledger: Ledger, backend: Backend, executor: Executor,
+                 rep: Reporter, parallel: int) -> None:
+        super().__init__(sweep, ws, ledger, backend.ultrack_db(MAIN_DB), executor, rep)
+        self.backend, self.parallel = backend, parallel
+        self.numbers: dict[str, int] = {}  # trial key -> the study's trial number
+        self.started = 0
+        self.outcome = Outcome(0, 0, 0, self.stage_runs, 0.0)
+        self._names: set[str] = set()
+
+    def _new_name(self) -> str:
+        n = 1
+        while f"f{n}" in self._names:
+            n += 1
+        self._names.add(f"f{n}")
+        return f"f{n}"
+
+    def run(self, plan: Plan, still_ours: Callable[[], None]) -> Outcome:
+        pending = plan.pending
+        self.n = len(pending)
+        self.outcome.skipped = len(plan.trials) - len(pending)
+        if pending:
+            results.warm_up_in_background()
+        known = set(self.ledger.databases()) | {MAIN_DB}
+        self._names = known | set(self.backend.forks())
+        for orphan in set(self.backend.forks()) - known:  # made by a driver killed before recording it
+            self.backend.drop(orphan)
+        forest = Forest.start(build_tree([p.trial for p in pending]),
+                              {name: self.ledger.held(name) for name in known}, self.parallel,
+                              self._new_name, self.backend.can_fork)
+        units: dict[Handle, _Unit] = {}
+        while not forest.idle:
+            still_ours()
+            for handle, unit in self._carry_out(forest, forest.moves()):
+                units[handle] = unit
+            if not units:
+                continue
+            for handle in self.executor.poll():
+                self._finished(forest, units.pop(handle), handle.error)
+        return self.outcome
+
+    def _carry_out(self, forest: Forest, moves: list[Move]) -> list[tuple[Handle, _Unit]]:
+        """Drops, then new databases and forks (each before its source runs on), then runs."""
+        for m in moves:
+            if m.drop:
+                self.backend.drop(m.db)
+                self.ledger.drop_state(m.db)
+        runs = []
+        for m in moves:
+            if m.drop or m.node is None:
+                continue
+            if m.source is not None and not self._fork(forest, m):
+                continue
+            runs.append(m)
+        started = []
+        for m in runs:
+            assert m.node is not None
+            unit = self._start(m.db, m.node)
+            if unit is None:
+                continue
+            handle = self.executor.start(self._unit_jobs(unit), unit.events)
+            if handle.finished:  # nothing to run (only the export remained)
+                self._finished(forest, unit, handle.error)
+            else:
+                started.append((handle, unit))
+        return started
+
+    def _fork(self, forest: Forest, m: Move) -> bool:
+        assert m.source is not None and m.node is not None
+        room, why = self.backend.fork_room(m.source, 1)
+        error = None
+        if room:
+            try:
+                self.backend.fork(m.source, m.db)
+                self.ledger.fork_state(m.source, m.db)
+                return True
+            except GridsearchError as e:
+                error = str(e)
+        self.rep.message(f"not forking {m.source}: {error or why}; its branches run one after another")
+        forest.can_fork = False
+        forest.stopped(m.db)
+        forest.databases[m.source].queue.append(m.node)
+        return False
+
+    def _start(self, name: str, node: Node) -> _Unit | None:
+        trial = node.owner
+        db = self.backend.ultrack_db(name)
+        first = earliest_changed_stage(self.ledger.held(name), trial.fingerprints)
+        if trial.key not in self.numbers:
+            self.started += 1
+            phase("trial", trial.key)
+            self.rep.trial_started(self.started, self.n, trial, first)
+            self.numbers[trial.key] = self.ledger.start_trial(trial, first, self.sweep.file.grid)
+        config_path = db.write_config(trial.sections, self.executor.frames_per_batch,
+                                      self.ws.trial_dir(trial.key) / "config.toml")
+        return _Unit(db, node, trial, self.numbers[trial.key], config_path,
+                     _StageEvents(self.ledger, db, trial, {}, self.rep))
+
+    def _unit_jobs(self, unit: _Unit) -> list[StageJob]:
+        first = earliest_changed_stage(self.ledger.held(unit.db.name), unit.trial.fingerprints)
+        if first is None:
+            return []
+        jobs = self._jobs(unit.trial, first, unit.config_path, unit.db, last=unit.node.stage)
+        unit.events.runs.update({j.stage: j.run_id for j in jobs})
+        return jobs
+
+    def _finished(self, forest: Forest, unit: _Unit, error: BaseException | None) -> None:
+        trial, tdir = unit.trial, self.ws.trial_dir(unit.trial.key)
+        for s in unit.events.walls:
+            self.stage_runs[s] += 1
+        try:
+            if error is not None:
+                raise error
+            if unit.node.stage == Stage.SOLVE:
+                figures, metrics = self._export(trial, unit.config_path, tdir)
+                phase("record", trial.key)
+                self._record(trial, unit.number, figures, metrics, unit.config_path, tdir)
+                phase("finished", trial.key)
+                self.outcome.completed += 1
+        except (GridsearchError, sa.exc.OperationalError):
+            raise
+        except Exception as e:
+            reason = str(e) if isinstance(e, StageFailed) else one_line(e)
+            unit.events.failed(reason)
+            for given_up in forest.failed(unit.db.name, unit.node, self.ledger.held(unit.db.name)):
+                self.ledger.fail_trial(self.numbers[given_up.key], reason)
+                self.rep.trial_finished(given_up, False, reason)
+                self.outcome.failed += 1
+            return
+        forest.finished(unit.db.name, unit.node, self.ledger.held(unit.db.name))

@@ -111,6 +111,7 @@ class SweepFile(_Strict):
     executor: Literal["local", "slurm"] | ExecutorSpec = "local"
     objective: str | None = None
     keep_label_images: bool = True
+    parallel: int = Field(1, ge=1, le=64)  # databases alive at once: branches of the grid run together
 
     @field_validator("database", mode="after")
     @classmethod

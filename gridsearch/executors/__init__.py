@@ -18,10 +18,13 @@ def create(ctx: ExecutorContext) -> Executor:
         from gridsearch.executors.slurm import SlurmExecutor
 
         return SlurmExecutor(ctx)
-    if ex.workers == 1 and not ctx.backend.parallel_writers:
+    k = ctx.sweep.file.parallel
+    if ex.workers == 1 and k == 1 and not ctx.backend.parallel_writers:
         from gridsearch.executors.inprocess import InProcessExecutor
 
         return InProcessExecutor(ctx)
     from gridsearch.executors.pool import PoolExecutor
 
-    return PoolExecutor(ctx)
+    if not ctx.backend.parallel_writers:  # SQLite: one writer per database, so one task per stage
+        return PoolExecutor(ctx, workers=k, whole_stages=True)
+    return PoolExecutor(ctx, workers=max(ex.workers, k))

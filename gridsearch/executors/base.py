@@ -68,9 +68,36 @@ class Events(Protocol):
     def stage_done(self, stage: Stage) -> None: ...
 
 
+@dataclass(eq=False)
+class Handle:
+    """One unit of work in flight (a trial's stage jobs on one database): `error` is set, or
+    `finished` is true, once the executor is done with it."""
+
+    jobs: list[StageJob]
+    events: Events
+    finished: bool = False
+    error: BaseException | None = None
+
+    def end(self, error: BaseException | None = None) -> None:
+        self.finished, self.error = True, error
+
+
 class Executor(abc.ABC):
+    """`run` blocks on one trial's stages (the serial path). Executors that can run several units
+    at once (`concurrent`) also implement `start` + `poll`: one poll advances every unit in flight,
+    so a sweep's branches share one watcher (one scheduler call per poll on SLURM)."""
+
+    concurrent = False
+
     def __init__(self, ctx: ExecutorContext) -> None:
         self.ctx = ctx
+
+    def start(self, jobs: Sequence[StageJob], events: Events) -> Handle:
+        raise NotImplementedError(f"{type(self).__name__} runs one unit at a time")
+
+    def poll(self) -> list[Handle]:
+        """Advance every unit in flight (waiting a little if nothing moved); the ones that ended."""
+        raise NotImplementedError(f"{type(self).__name__} runs one unit at a time")
 
     @property
     def frames_per_batch(self) -> int:

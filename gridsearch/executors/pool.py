@@ -13,12 +13,12 @@ import selectors
 import subprocess
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO
 
 from gridsearch.core.files import tail
-from gridsearch.executors.base import Events, Executor, ExecutorContext, StageFailed, StageJob
+from gridsearch.executors.base import Events, Executor, ExecutorContext, Handle, StageFailed, StageJob
 
 
 class _Worker:
@@ -67,15 +67,58 @@ class _Worker:
         self._logf.close()
 
 
+@dataclass(eq=False)
+class _Flow:
+    """One unit's progress through its jobs' phases on the pool."""
+
+    handle: Handle
+    whole: bool  # one task per stage (batch None): the database takes one writer (SQLite)
+    j: int = -1  # current job
+    p: int = 0  # current phase of that job
+    queue: list[int | None] = field(default_factory=list)
+    running: set[int] = field(default_factory=set)  # message ids
+    failure: StageFailed | None = None
+    reported: set[tuple[int, int]] = field(default_factory=set)
+
+    @property
+    def job(self) -> StageJob:
+        return self.handle.jobs[self.j]
+
+    def phase(self) -> list[int]:
+        return [0] if self.whole else self.job.phases[self.p]
+
+    def advance(self) -> bool:
+        """Next phase (or job); False once every job is done."""
+        if self.j >= 0 and self.p + 1 < (1 if self.whole else len(self.job.phases)):
+            self.p += 1
+        else:
+            if self.j >= 0:
+                self.handle.events.stage_done(self.job.stage)
+            self.j, self.p = self.j + 1, 0
+            if self.j >= len(self.handle.jobs):
+                return False
+            self.handle.events.stage_started(self.job.stage, 1 if self.whole else self.job.n_batches)
+        self.queue = [None] if self.whole else list(self.phase())
+        return True
+
+
 class PoolExecutor(Executor):
-    def __init__(self, ctx: ExecutorContext) -> None:
+    """Units share the pool: each dispatches its current phase's batches to free workers, in the
+    order the units were started (the engine starts the heaviest branch first)."""
+
+    concurrent = True
+
+    def __init__(self, ctx: ExecutorContext, workers: int | None = None, whole_stages: bool = False) -> None:
         super().__init__(ctx)
-        self.n = ctx.sweep.executor.workers
+        self.n = workers or ctx.sweep.executor.workers
+        self.whole = whole_stages
         self.log_dir = ctx.ws.logs
         self.env = {**os.environ, **ctx.backend.env}
         self.workers: list[_Worker] = []
         self.sel = selectors.DefaultSelector()
         self._next_id = 0
+        self.flows: list[_Flow] = []
+        self.sent: dict[int, tuple[_Flow, int | None]] = {}  # message id -> (flow, batch)
 
     def _start(self) -> None:
         """Top the pool up to N (after a worker died, the whole pool was stopped)."""
@@ -86,62 +129,106 @@ class PoolExecutor(Executor):
             self.workers.append(w)
 
     def run(self, jobs: Sequence[StageJob], events: Events) -> None:
+        handle = self.start(jobs, events)
+        while not handle.finished:
+            self.poll()
+        if handle.error is not None:
+            raise handle.error
+
+    def start(self, jobs: Sequence[StageJob], events: Events) -> Handle:
+        flow = _Flow(Handle(list(jobs), events), self.whole)
+        if flow.advance():
+            self.flows.append(flow)
+        else:
+            flow.handle.end()
+        return flow.handle
+
+    def poll(self) -> list[Handle]:
         self._start()
-        reported: set[tuple[int, int]] = set()
-        for job in jobs:
-            events.stage_started(job.stage, job.n_batches)
-            for phase in job.phases:
-                self._run_phase(job, phase, events, reported)
-            events.stage_done(job.stage)
+        self._dispatch()
+        for key, _ in self.sel.select(timeout=1.0 if self.sent or not self._all_ready() else 0.05):
+            self._receive(key.data)
+        ended = [f for f in self.flows if self._step(f)]
+        self.flows = [f for f in self.flows if f not in ended]
+        self._dispatch()
+        return [f.handle for f in ended]
 
-    def _dispatch(self, job: StageJob, queue: list[int], running: dict[int, int]) -> None:
+    def _all_ready(self) -> bool:
+        return all(w.ready for w in self.workers)
+
+    def _dispatch(self) -> None:
         for w in self.workers:
-            if w.ready and w.busy is None and queue:
-                batch = queue.pop(0)
-                self._next_id += 1
-                w.busy, running[self._next_id] = self._next_id, batch
-                w.send({"id": self._next_id, "task": asdict(self.task(job, batch))})
+            if not (w.ready and w.busy is None):
+                continue
+            flow = next((f for f in self.flows if f.queue and f.failure is None), None)
+            if flow is None:
+                return
+            batch = flow.queue.pop(0)
+            self._next_id += 1
+            w.busy = self._next_id
+            self.sent[self._next_id] = (flow, batch)
+            flow.running.add(self._next_id)
+            w.send({"id": self._next_id, "task": asdict(self.task(flow.job, batch))})
 
-    def _run_phase(self, job: StageJob, phase: list[int], events: Events,
-                   reported: set[tuple[int, int]]) -> None:
-        """Batches of one phase on the pool; on the first failure, stop dispatching and let the
-        running ones finish (their acknowledgements are kept), then raise."""
-        queue = list(phase)
-        running: dict[int, int] = {}  # message id -> batch
-        failure: StageFailed | None = None
-        while queue or running:
-            if failure is None:
-                self._dispatch(job, queue, running)
-            elif not running:
-                break
-            for key, _ in self.sel.select(timeout=1.0):
-                failure = self._receive(key.data, job, running, failure)
-            self.report_acknowledged([job], reported, events)
-        if failure is not None:
-            raise failure
-        missing = set(phase) - self.ctx.ledger.acked([job.run_id])[job.run_id]
-        if missing:
-            raise StageFailed(job.stage, min(missing), "the worker replied without acknowledging")
+    def _step(self, flow: _Flow) -> bool:
+        """Report acknowledgements; at the end of a phase check them and move on. True: ended."""
+        job = flow.job
+        acked = self.report_acknowledged([job], flow.reported, flow.handle.events)[job.run_id]
+        if (flow.queue and flow.failure is None) or flow.running:
+            return False
+        if flow.failure is None:
+            missing = set(flow.phase()) - acked
+            if missing:
+                flow.failure = StageFailed(job.stage, None if flow.whole else min(missing),
+                                           "the worker replied without acknowledging")
+        if flow.failure is not None:
+            flow.handle.end(flow.failure)
+            return True
+        if flow.advance():
+            return False
+        flow.handle.end()
+        return True
 
-    def _receive(self, w: _Worker, job: StageJob, running: dict[int, int],
-                 failure: StageFailed | None) -> StageFailed | None:
+    def _receive(self, w: _Worker) -> None:
+        """A reply. On the first failure a unit stops dispatching and lets its running batches
+        finish (their acknowledgements are kept), then ends with the failure."""
         try:
             msg = w.read()
         except _WorkerDied as e:
-            batch = running.pop(w.busy, None) if w.busy is not None else None
-            # The survivors may be writing: stop them all before the engine clears the database.
-            self.close()
-            raise StageFailed(job.stage, batch, e.reason, w.log, tail(w.log)) from None
+            self._worker_died(w, e)
+            return
         if "ready" in msg:
             w.ready = True
-            return failure
-        batch = running.pop(int(msg["id"]), None)  # type: ignore[arg-type]
+            return
+        sent = self.sent.pop(int(msg["id"]), None)  # type: ignore[arg-type]
         w.busy = None
-        if batch is None or msg.get("ok") or failure is not None:
-            return failure  # an unknown id is a reply to a batch given up on: ignore it
+        if sent is None:
+            return  # an unknown id is a reply to a batch given up on: ignore it
+        flow, batch = sent
+        flow.running.discard(int(msg["id"]))  # type: ignore[arg-type]
+        if msg.get("ok") or flow.failure is not None:
+            return
         with open(w.log, "a") as f:
             f.write(str(msg.get("trace", "")))
-        return StageFailed(job.stage, batch, str(msg["error"]), w.log, tail(w.log))
+        flow.failure = StageFailed(flow.job.stage, batch, str(msg["error"]), w.log, tail(w.log))
+
+    def _worker_died(self, w: _Worker, e: _WorkerDied) -> None:
+        """The survivors may be writing: stop them all before anything clears a database. The
+        dead worker's unit fails; the others' interrupted batches go back to their queues (each
+        batch clears its own partial rows before it runs)."""
+        lost = self.sent.pop(w.busy, None) if w.busy is not None else None
+        self.close()
+        for flow, batch in self.sent.values():
+            flow.queue.insert(0, batch)
+        for flow in self.flows:
+            flow.running.clear()
+        self.sent.clear()
+        if lost is not None:
+            flow, batch = lost
+            flow.failure = StageFailed(flow.job.stage, batch, e.reason, w.log, tail(w.log))
+        elif self.flows:
+            first = self.flows[0]
+            first.failure = first.failure or StageFailed(first.job.stage, None, e.reason, w.log, tail(w.log))
 
     def close(self) -> None:
         for w in self.workers:  # all at once: an exiting worker takes seconds (ultrack, torch)
@@ -151,7 +238,6 @@ class PoolExecutor(Executor):
                 self.sel.unregister(w.proc.stdout)
             w.close()
         self.workers.clear()
-
 
 class _WorkerDied(Exception):
     """A worker process ended without answering (killed, out of memory, segfault)."""

@@ -8,7 +8,8 @@ sbatch returns: a killed driver loses nothing, and the next one re-attaches."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 from gridsearch.core.files import tail
 from gridsearch.core.secrets import write_pgpass
@@ -16,6 +17,7 @@ from gridsearch.executors.base import (
     Events,
     Executor,
     ExecutorContext,
+    Handle,
     StageFailed,
     StageJob,
     SweepCancelled,
@@ -23,12 +25,22 @@ from gridsearch.executors.base import (
 from gridsearch.slurm import gateway, job_name, job_names
 from gridsearch.slurm.chain import Array, Chain, Decision, Event, GiveUp, Report, Submission
 from gridsearch.slurm.jobs import JobRow, JobStore
-from gridsearch.slurm.parse import compact, split
+from gridsearch.slurm.parse import Key, TaskState, compact, split
 from gridsearch.slurm.paths import JobPaths
 from gridsearch.stages import Stage
 
 
+@dataclass(eq=False)
+class _Flight:
+    handle: Handle
+    key: str  # the trial the arrays are recorded under
+    chain: Chain
+    jobs: dict[Stage, StageJob]
+
+
 class SlurmExecutor(Executor):
+    concurrent = True
+
     def __init__(self, ctx: ExecutorContext) -> None:
         super().__init__(ctx)
         self.spec = ctx.sweep.executor
@@ -36,6 +48,8 @@ class SlurmExecutor(Executor):
         self.poller = gateway.Poller(job_names(ctx.sweep), self.spec.poll_seconds, notify=ctx.notify)
         self.paths = JobPaths.of(ctx.ws)
         self.submissions = 0  # sbatch calls of this driver
+        self.flights: list[_Flight] = []  # chains in flight, one per unit, watched by one poller
+        self.strays_checked = False
         self.job_env = self._passfile(ctx.backend.env)
         if ctx.ws.cancel_request.exists():  # `gridsearch cancel` while no driver watched
             self.store.mark_all_cancelled()
@@ -57,7 +71,8 @@ class SlurmExecutor(Executor):
         """{stage: run id} of this trial's arrays from `first` on that a killed driver left in the
         ledger, finished or not: their workers' acknowledgements say what is done. Queued tasks
         must still be able to log in (stable password), else everything starts over."""
-        active = self.store.rows(state="active")
+        live = {r for f in self.flights for r in f.chain.row_ids()}  # this driver's other branches
+        active = [r for r in self.store.rows(state="active") if r.id not in live]
         withdrawn = [r for r in active if r.trial_key != trial_key]  # must not write while we clear
         mine = [r for r in active if r.trial_key == trial_key]
         self.store.close([r.id for r in mine if Stage.parse(r.stage) < first])  # trusted already
@@ -71,7 +86,8 @@ class SlurmExecutor(Executor):
         withdrawn += [r for r in mine if runs.get(Stage.parse(r.stage)) != r.run_id
                       or r.frames_per_batch != self.frames_per_batch]
         self._withdraw(withdrawn)
-        stray = self._cancel_strays()
+        stray = set() if self.strays_checked else self._cancel_strays()
+        self.strays_checked = True  # from here on, every array of this sweep is this driver's
         if not runs:  # the engine clears the database next: nothing withdrawn may still be writing
             gateway.wait_all_gone(sorted({r.job_id for r in withdrawn} | stray))
         return runs
@@ -92,36 +108,61 @@ class SlurmExecutor(Executor):
 
     # ---- run --------------------------------------------------------------------------------------
     def run(self, jobs: Sequence[StageJob], events: Events) -> None:
+        handle = self.start(jobs, events)
+        while not handle.finished:
+            self.poll()
+        if handle.error is not None:
+            raise handle.error
+
+    def start(self, jobs: Sequence[StageJob], events: Events) -> Handle:
+        handle = Handle(list(jobs), events)
         if not jobs:
-            return
+            handle.end()
+            return handle
         key = jobs[0].trial_key
         chain = Chain.build((j.stage, j.run_id, j.phases) for j in jobs)
         self._withdraw(chain.adopt(self.store.rows(key, "active")))  # rows of other stage runs
-        try:
-            self._watch(key, chain, {j.stage: j for j in jobs}, events)
-        except StageFailed:
-            self.store.close_trial(key)
-            raise
-        self.store.close_trial(key)
+        self.flights.append(_Flight(handle, key, chain, {j.stage: j for j in jobs}))
+        return handle
 
-    def _watch(self, key: str, chain: Chain, jobs: dict[Stage, StageJob], events: Events) -> None:
-        """Until the chain is finished: poll, read acknowledgements, carry out the decision."""
-        while True:
-            # the scheduler first, then the acknowledgements: a task finishing in between is seen
-            # acknowledged, never COMPLETED without its acknowledgement
-            states = self.poller.poll(chain.tasks())
-            acked = self.ctx.ledger.acked(chain.run_ids())
-            # after the poll: `cancel` writes its request before scancel, so tasks seen cancelled by
-            # it are never mistaken for failures to resubmit
-            self._stop_if_cancelled(chain)
-            decision = chain.decide(states, acked)
-            _report(decision.reports, events)
-            if decision.finished:
-                return
-            self._carry_out(key, chain, decision, jobs)
-            if decision.submit:  # submitted in the instant a cancel ran: withdrawn too
-                self._stop_if_cancelled(chain, withdraw=True)
+    def poll(self) -> list[Handle]:
+        """One squeue (+ sacct) for every chain in flight, then the acknowledgements, then each
+        chain's decision carried out; sleeps when nothing ended."""
+        if not self.flights:
+            return []
+        tasks: dict[str, list[int]] = {}
+        for f in self.flights:
+            tasks.update(f.chain.tasks())
+        # the scheduler first, then the acknowledgements: a task finishing in between is seen
+        # acknowledged, never COMPLETED without its acknowledgement
+        states = self.poller.poll(tasks)
+        acked = self.ctx.ledger.acked(sorted({r for f in self.flights for r in f.chain.run_ids()}))
+        ended = [f for f in list(self.flights) if self._advance(f, states, acked)]
+        self.flights = [f for f in self.flights if f not in ended]
+        if not ended:
             self.poller.sleep()
+        return [f.handle for f in ended]
+
+    def _advance(self, f: _Flight, states: Mapping[Key, TaskState], acked: Mapping[int, set[int]]) -> bool:
+        """Carry out one chain's decision; True once it ended (done or failed)."""
+        # after the poll: `cancel` writes its request before scancel, so tasks seen cancelled by
+        # it are never mistaken for failures to resubmit
+        self._stop_if_cancelled(f.chain)
+        decision = f.chain.decide(states, acked)
+        _report(decision.reports, f.handle.events)
+        try:
+            if not decision.finished:
+                self._carry_out(f.key, f.chain, decision, f.jobs)
+                if decision.submit:  # submitted in the instant a cancel ran: withdrawn too
+                    self._stop_if_cancelled(f.chain, withdraw=True)
+                return False
+        except StageFailed as e:
+            self.store.close_trial(f.key)
+            f.handle.end(e)
+            return True
+        self.store.close_trial(f.key)
+        f.handle.end()
+        return True
 
     def _stop_if_cancelled(self, chain: Chain, withdraw: bool = False) -> None:
         if self.ctx.ws.cancel_request.exists() or self.store.cancelled(chain.row_ids()):
