@@ -103,6 +103,24 @@ class Ledger:
         with self.engine.begin() as c:
             self._set_held(c, database, {_FP_COL[s]: None for s in Stage if s >= from_stage})
 
+    def fork_state(self, src: str, dst: str) -> None:
+        """After Backend.fork(src, dst) succeeded, never before: ``dst`` holds what ``src`` holds
+        (nothing, when ``src`` has no row). One transaction: a fork is trusted entirely or not."""
+        with self.engine.begin() as c:
+            row = c.execute(sa.select(db_state_t).where(db_state_t.c.database == src)).first()
+            self._set_held(c, dst, {col: None if row is None else getattr(row, col)
+                                    for col in _FP_COL.values()})
+
+    def drop_state(self, name: str) -> None:
+        """Before its database is dropped: a database without a row is an orphan, never trusted."""
+        with self.engine.begin() as c:
+            c.execute(db_state_t.delete().where(db_state_t.c.database == name))
+
+    def databases(self) -> list[str]:
+        """Databases the ledger has a row for (main and forks)."""
+        with self.engine.connect() as c:
+            return list(c.execute(sa.select(db_state_t.c.database).order_by(db_state_t.c.database)).scalars())
+
     # ---- stage runs ----------------------------------------------------------------------------
     def open_stage_runs(self, database: str, trial_key: str, fingerprints: Mapping[Stage, str],
                         stages: list[Stage], adopt: Mapping[Stage, int]) -> dict[Stage, int]:

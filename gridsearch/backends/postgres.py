@@ -10,13 +10,24 @@ import os
 import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TypeVar
 
 import psycopg
 from psycopg import sql
 
 from gridsearch.backends import schemas
-from gridsearch.backends.base import Backend
+from gridsearch.backends.base import (
+    FORK_NAME,
+    Backend,
+    ForkError,
+    check_fork_name,
+    copy_working_dir,
+    fork_dirs,
+    free_bytes,
+    remove_working_dir,
+    room,
+)
 from gridsearch.backends.names import db_name, fit_identifier
 from gridsearch.core import files
 from gridsearch.core.errors import first_line
@@ -37,6 +48,7 @@ from gridsearch.postgres import (
     ultrack_address,
 )
 from gridsearch.postgres.client import hostport, sqlalchemy_url
+from gridsearch.runtime import release_connections
 from gridsearch.schema import metadata
 from gridsearch.spec import Sweep
 from gridsearch.ultrackdb import UltrackDB
@@ -64,6 +76,79 @@ class PostgresBackend(Backend):
             self.server.create_database(dbname)
         address = ultrack_address(self.creds, dbname, self.schema)
         return UltrackDB(name, self.ws.db_dir(name), "postgresql", address)
+
+    @property
+    def can_fork(self) -> bool:
+        """Only where the sweep creates its own databases (a managed server, here or as a SLURM
+        job). On an existing server ultrack's tables live in the sweep's schema of the user's
+        database: CREATE DATABASE ... TEMPLATE copies whole databases (the user's other data with
+        them, and we may not create databases there), and PostgreSQL has no way to copy a schema;
+        a second schema would have to be filled table by table. The scheduler then runs one
+        branch at a time in the one database."""
+        return self.create_databases and self.server is not None and self.sweep is not None
+
+    def fork(self, src: str, dst: str) -> UltrackDB:
+        """``CREATE DATABASE dst TEMPLATE src`` (gs_solve_before, in it, comes along), then its
+        working dir (metadata.toml). Nothing may be connected to ``src``: the caller closed its
+        engines; ultrack's, in this process, are disposed here; any other session is an error
+        (DatabaseInUse), never ended (it could be a worker still writing)."""
+        check_fork_name(dst)
+        server, sweep = self._forking()
+        release_connections()
+        self.drop(dst)
+        server.copy_database(db_name(sweep, src), db_name(sweep, dst))
+        try:
+            copy_working_dir(self.ws.db_dir(src), self.ws.db_dir(dst))
+        except OSError as exc:
+            raise ForkError(f"copying the working dir of database {src} to {dst}: {exc}") from None
+        return self.ultrack_db(dst)
+
+    def drop(self, name: str) -> None:
+        """Its working dir, then its database (sessions on it ended): a crash in between leaves a
+        database forks() still finds."""
+        check_fork_name(name)
+        server, sweep = self._forking()
+        remove_working_dir(self.ws.db_dir(name))
+        server.drop_database(db_name(sweep, name))
+
+    def fork_room(self, src: str, wanted: int) -> tuple[int, str]:
+        """pg_database_size against the free space of the server's data directory when this
+        machine sees it (a managed server; a SLURM server job's, on the shared workdir); else
+        unknown, and room is assumed."""
+        server, sweep = self._forking()
+        size = server.database_size(db_name(sweep, src))
+        data_dir = self._data_dir()
+        if data_dir is None:
+            return wanted, (f"free space of PostgreSQL at {hostport(server.host, server.port)} is "
+                            f"unknown here: assuming room for {wanted} copies of database {src}")
+        free, where = free_bytes(data_dir)
+        return room(src, size, free, where, wanted)
+
+    def forks(self) -> list[str]:
+        """Fork databases of this sweep on the server, and fork working dirs in the workdir."""
+        server, sweep = self._forking()
+        names = fork_dirs(self.ws)
+        for db in server.list_databases():
+            what = db["name"].rsplit("_", 1)[-1]
+            if _is_fork(what) and db_name(sweep, what) == db["name"]:
+                names.add(what)
+        return sorted(names, key=lambda n: int(n[1:]))
+
+    def _forking(self) -> tuple[PostgresServer, Sweep]:
+        if not self.can_fork or self.server is None or self.sweep is None:
+            raise ForkError("this sweep's PostgreSQL databases cannot be forked (its tables live in a "
+                            "schema of an existing server's database, or this is a read-only view)")
+        return self.server, self.sweep
+
+    def _data_dir(self) -> Path | None:
+        """The server's data directory, if this machine sees it."""
+        if isinstance(self.server, ManagedServer):
+            return self.server.data_dir
+        assert self.sweep is not None
+        if self.create_databases and self.sweep.database.managed:  # a SLURM server job's files
+            data_dir = managed_server(self.sweep, self.ws).data_dir
+            return data_dir if data_dir.parent.exists() else None
+        return None
 
     def archive_ledger(self) -> str | None:
         """--restart keeps the old ledger: the state database is renamed (managed here or as a SLURM
@@ -126,6 +211,10 @@ class PostgresBackend(Backend):
         if not self._in_state_db("archiving the ledger", move_all):
             return None
         return f"schema {schema} of database {self.state_db} (optuna study {study})"
+
+
+def _is_fork(name: str) -> bool:
+    return FORK_NAME.fullmatch(name) is not None
 
 
 def managed_server(sweep: Sweep, ws: Workspace) -> ManagedServer:

@@ -29,7 +29,7 @@ from gridsearch.postgres.host import INSTALL_HINT, find_binaries, free_port, por
 from gridsearch.postgres.managed import ManagedServer
 from gridsearch.postgres.osuser import FALLBACK_OS_USER
 from gridsearch.postgres.owner import Owner, ServedElsewhere
-from gridsearch.postgres.server import ExternalServer, PostgresServer
+from gridsearch.postgres.server import DatabaseInUse, ExternalServer, PostgresServer
 from gridsearch.postgres.users import running
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "INSTALL_HINT",
     "PASSWORD_ENV",
     "Credentials",
+    "DatabaseInUse",
     "ExternalServer",
     "ManagedServer",
     "Owner",

@@ -30,6 +30,11 @@ def _end_sessions(conn: psycopg.Connection, dbname: str) -> None:
     )
 
 
+class DatabaseInUse(PostgresError):
+    """A database to copy has sessions open: a template must have none, and ending them (as
+    create_database does for its own template) could kill a worker that is still writing."""
+
+
 class PostgresServer(ABC):
     """What a sweep needs from any server: credentials and database bookkeeping."""
 
@@ -100,6 +105,35 @@ class PostgresServer(ABC):
             return True
 
         return bool(self._run_admin(f"creating database {name!r}", create))
+
+    def copy_database(self, template: str, name: str) -> None:
+        """``CREATE DATABASE name TEMPLATE template``, without ending anyone's sessions: the caller
+        closed its own; any left is someone still using it, reported in one line (PostgreSQL
+        itself waits 5 s for sessions that are closing before it refuses)."""
+        stmt = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
+        owner = self._db_owner()
+        if owner is not None:
+            stmt += sql.SQL(" OWNER {}").format(sql.Identifier(owner))
+        stmt += sql.SQL(" TEMPLATE {}").format(sql.Identifier(template))
+
+        def copy(conn: psycopg.Connection) -> None:
+            try:
+                conn.execute(stmt)
+            except psycopg.errors.ObjectInUse:
+                row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s",
+                                   (template,)).fetchone()
+                raise DatabaseInUse(
+                    f"cannot copy database {template!r} on PostgreSQL at {hostport(self.host, self.port)}: "
+                    f"{row[0] if row else 'some'} session(s) still connected to it (a template must "
+                    "have none)") from None
+
+        self._run_admin(f"copying database {template!r} to {name!r}", copy)
+
+    def database_size(self, name: str) -> int:
+        """Bytes on disk of database ``name``."""
+        row = self._run_admin(f"measuring database {name!r}",
+                              lambda c: c.execute("SELECT pg_database_size(%s)", (name,)).fetchone())
+        return int(row[0]) if row else 0
 
     def rename_database(self, name: str, new: str) -> None:
         """Rename needs the database idle: its sessions are ended first."""
