@@ -335,6 +335,7 @@ class _BranchDriver(_Driver):
                 continue
             for handle in self.executor.poll():
                 self._finished(forest, units.pop(handle), handle.error)
+        self._carry_out(forest, forest.moves())  # the last forks' subtrees are exported: dropped
         return self.outcome
 
     def _carry_out(self, forest: Forest, moves: list[Move]) -> list[tuple[Handle, _Unit]]:

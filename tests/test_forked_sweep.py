@@ -86,7 +86,7 @@ def test_a_driver_killed_while_branches_run_resumes_on_each_fork(
         if sum(" finished " in f" {line} " for line in lines) >= 3:
             break
         time.sleep(0.2)
-    assert proc.poll() is None, f"the sweep ended before its kill: {proc.stderr.read() if proc.stderr else ''}"
+    assert proc.poll() is None, f"the sweep ended before its kill: {proc.communicate()[1]}"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     sw = load(spec)
