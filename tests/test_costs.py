@@ -159,3 +159,25 @@ def test_frames_of_a_batch(stage: Stage, batch: int | None, n: int, window: int 
 def test_duration() -> None:
     assert [duration(s) for s in (4.4, 59, 61, 3599, 4800, 7200)] == \
         ["4 s", "59 s", "1 min", "1 h 0 min", "1 h 20 min", "2 h 0 min"]
+
+
+def test_progress_eta_counts_the_stage_runs_still_to_come() -> None:
+    from gridsearch.progress import Eta
+
+    trials = _trials(2, 2)
+    plan = make_plan(trials, {}, set())  # segment 2, link 2, solve 4
+    eta = Eta()
+    eta.planned(plan)
+    first = plan.pending[0]
+    eta.trial_started(first.first_stage)
+    assert eta.text() == ""  # nothing measured yet: no ETA at all
+    for stage, wall in ((Stage.SEGMENT, 60.0), (Stage.LINK, 30.0)):
+        eta.stage_done(stage, wall)
+    assert eta.seconds() is None  # solve never ran: still unknown
+    eta.stage_done(Stage.SOLVE, 10.0)
+    eta.trial_finished()
+    assert eta.seconds() == 60 + 30 + 3 * 10 and eta.text() == "ETA 2 min"
+    eta.trial_started(Stage.SEGMENT)  # fails in segment: its link and solve never run
+    eta.stage_done(Stage.SEGMENT, 120.0)
+    eta.trial_finished()
+    assert eta.seconds() == 2 * 10
