@@ -6,10 +6,11 @@ URL holds no password; libpq finds it in the worker's environment (PGPASSWORD)."
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import sqlalchemy as sa
@@ -20,15 +21,24 @@ from gridsearch.schema import batch_t
 
 @dataclass(frozen=True)
 class BatchCost:
-    """What one batch cost: the cost model of later sweeps is built from these."""
+    """What one batch cost: the cost model (gridsearch.costs) is built from these.
+
+    wall_s and cpu_s cover the batch alone, never its worker's start-up: that is ``startup_s``
+    (process start to ultrack imported), paid once per process, by the batch with ``paid_startup``.
+    None: not known (acks written before schema v3, or a worker that could not tell)."""
 
     wall_s: float
     cpu_s: float
     max_rss_mb: float
+    frames: int | None = None
+    startup_s: float | None = None
+    paid_startup: bool | None = None
 
     @staticmethod
-    def since(t0: float, cpu0: float) -> BatchCost:
-        return BatchCost(time.perf_counter() - t0, cpu_seconds() - cpu0, max_rss_mb())
+    def since(t0: float, cpu0: float, *, frames: int | None = None, startup_s: float | None = None,
+              paid_startup: bool | None = None) -> BatchCost:
+        return BatchCost(time.perf_counter() - t0, cpu_seconds() - cpu0, max_rss_mb(), frames,
+                         startup_s, paid_startup)
 
 
 def cpu_seconds() -> float:
@@ -38,9 +48,31 @@ def cpu_seconds() -> float:
 
 
 def max_rss_mb() -> float:
-    """Peak resident memory (Linux reports KiB) of this process or its largest child."""
+    """Peak resident memory (Linux reports KiB) of this process or its largest child.
+
+    This process's peak is the batch's own when reset_peak_rss() ran before it (a pool worker
+    runs many batches); its children's is the largest of any child it ever waited for."""
     own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return max(own.ru_maxrss, kids.ru_maxrss) / 1024
+    return max(_hwm_kib() or own.ru_maxrss, kids.ru_maxrss) / 1024
+
+
+def reset_peak_rss() -> None:
+    """Linux (>= 4.0): restart this process's peak-RSS count (VmHWM), so that a long-lived worker
+    reports each batch's peak, not the largest of all its batches. Elsewhere: a no-op."""
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _hwm_kib() -> int | None:
+    """VmHWM, the peak RSS since the last reset_peak_rss() (ru_maxrss never resets)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _engine(url: str) -> sa.Engine:
@@ -52,8 +84,8 @@ def acknowledge(ledger_url: str | sa.Engine, run_id: int, batch: int, cost: Batc
     """Record batch ``batch`` of stage run ``run_id`` complete. Idempotent: a batch re-run after an
     acknowledged success (a driver that doubted it) keeps the first record."""
     engine = ledger_url if isinstance(ledger_url, sa.Engine) else _engine(ledger_url)
-    row = {"run_id": run_id, "batch": batch, "finished_at": time.time(), "wall_s": cost.wall_s,
-           "cpu_s": cost.cpu_s, "max_rss_mb": cost.max_rss_mb, "host": socket.gethostname()}
+    row = {"run_id": run_id, "batch": batch, "finished_at": time.time(), "host": socket.gethostname(),
+           **asdict(cost)}
     try:
         with engine.begin() as conn:
             exists = conn.execute(sa.select(batch_t.c.batch).where(

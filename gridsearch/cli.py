@@ -131,11 +131,13 @@ def sweep(spec: str, restart: bool, quiet: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def plan(spec: str, as_json: bool) -> None:
     """Dry run: the trials in run order, where each starts, stage runs against the naive count."""
+    from gridsearch import views
     from gridsearch.engine import existing_ledger, plan_for
 
     sw = _load(spec)
     with existing_ledger(sw) as led:
         p = plan_for(sw, led)
+        est = views.estimate(sw, led, p)
     runs = p.stage_runs()
     jobs: dict[str, list[str]] = {}
     if sw.executor.kind == "slurm":
@@ -157,6 +159,7 @@ def plan(spec: str, as_json: bool) -> None:
         "stage_runs": {s.label: runs[s] for s in Stage},
         "total_stage_runs": sum(runs.values()),
         "naive_stage_runs": p.naive_runs,
+        "estimate": views.estimate_doc(est),
     }
     if as_json:
         click.echo(json.dumps(doc, indent=1))
@@ -176,6 +179,8 @@ def plan(spec: str, as_json: bool) -> None:
         "stage runs: " + ", ".join(f"{k} {v}" for k, v in doc["stage_runs"].items())
         + f" = {doc['total_stage_runs']} (naive {doc['naive_stage_runs']})"
     )
+    if est is not None:
+        c.print(est.line())
 
 
 @main.command()
@@ -200,6 +205,8 @@ def status(spec: str, as_json: bool) -> None:
     for r in doc["running"]:
         c.print(f"  running: trial {r['trial_key']} {r['stage']} "
                 f"batch {r['batches_done']}/{r['batches_total']}")
+    if doc["estimate"] is not None:
+        c.print(doc["estimate"]["line"])
 
 
 @main.command()

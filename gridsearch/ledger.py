@@ -227,6 +227,17 @@ class Ledger:
             rows = c.execute(sa.select(stage_run_t, done).order_by(stage_run_t.c.id)).mappings().all()
         return [dict(r) for r in rows]
 
+    def measured_batches(self) -> list[dict[str, Any]]:
+        """Every acknowledged batch whose worker measured it (schema v3 on), with its stage: what
+        the cost model (gridsearch.costs) is built from. Older acks know no frames: left out."""
+        cols = [stage_run_t.c.stage, batch_t.c.wall_s, batch_t.c.cpu_s, batch_t.c.max_rss_mb,
+                batch_t.c.frames, batch_t.c.startup_s, batch_t.c.paid_startup]
+        q = (sa.select(*cols).join(stage_run_t, stage_run_t.c.id == batch_t.c.run_id)
+             .where(batch_t.c.frames.is_not(None), batch_t.c.wall_s.is_not(None))
+             .order_by(batch_t.c.finished_at))
+        with self.engine.connect() as c:
+            return [dict(r) for r in c.execute(q).mappings()]
+
     def stage_wall(self, trial_key: str) -> dict[Stage, float]:
         """Wall seconds of the stages this trial ran (the latest successful run of each)."""
         out: dict[Stage, float] = {}

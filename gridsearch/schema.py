@@ -7,7 +7,8 @@ an older workdir is migrated in place by the driver, a newer one is refused in o
 
 Version history: 0 = before versioning (no gs_batch; gs_stage_run.batches_done counted batches),
 1 = batches acknowledged by their workers (gs_batch), SLURM arrays know their stage run,
-2 = SLURM arrays record the frames per batch their task indices mean."""
+2 = SLURM arrays record the frames per batch their task indices mean,
+3 = an acknowledgement records its batch's frames and its worker's start-up (the cost model)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import sqlalchemy as sa
 
 from gridsearch.core.errors import BadInput
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 VERSION_KEY = "schema_version"
 
 metadata = sa.MetaData()
@@ -68,6 +69,10 @@ batch_t = sa.Table(
     sa.Column("cpu_s", sa.Float),
     sa.Column("max_rss_mb", sa.Float),
     sa.Column("host", sa.String(128)),
+    # v3, NULL in older acks: what the cost model divides by, and what the worker paid to get ready
+    sa.Column("frames", sa.Integer),
+    sa.Column("startup_s", sa.Float),  # its process's start to ultrack imported
+    sa.Column("paid_startup", sa.Boolean),  # this batch was the first its process ran
 )
 
 slurm_job_t = sa.Table(
@@ -149,5 +154,13 @@ def _migrate_1_to_2(conn: sa.Connection) -> None:
         conn.execute(sa.text("UPDATE gs_slurm_job SET state = 'closed' WHERE state = 'active'"))
 
 
+def _migrate_2_to_3(conn: sa.Connection) -> None:
+    """Acks before v3 have no frames or start-up: the cost model skips them, nothing else reads them."""
+    if sa.inspect(conn).has_table(batch_t.name):
+        conn.execute(sa.text("ALTER TABLE gs_batch ADD COLUMN frames INTEGER"))
+        conn.execute(sa.text("ALTER TABLE gs_batch ADD COLUMN startup_s FLOAT"))
+        conn.execute(sa.text("ALTER TABLE gs_batch ADD COLUMN paid_startup BOOLEAN"))
+
+
 # _MIGRATIONS[v] upgrades version v to v + 1, in one transaction with the version row
-_MIGRATIONS = [_migrate_0_to_1, _migrate_1_to_2]
+_MIGRATIONS = [_migrate_0_to_1, _migrate_1_to_2, _migrate_2_to_3]

@@ -10,10 +10,11 @@ from typing import Any
 import pandas as pd
 from rich.table import Table
 
-from gridsearch import metrics, results
+from gridsearch import costs, metrics, results
 from gridsearch.core.errors import BadInput, GridsearchError
-from gridsearch.engine import existing_ledger
+from gridsearch.engine import existing_ledger, plan_for
 from gridsearch.ledger import Ledger
+from gridsearch.planner import Plan
 from gridsearch.spec import Sweep
 from gridsearch.stages import Stage
 from gridsearch.workspace import Workspace
@@ -40,13 +41,30 @@ def results_table(sweep: Sweep) -> pd.DataFrame:
         return results.table(sweep, led)
 
 
+def estimate(sweep: Sweep, led: Ledger | None, plan: Plan) -> costs.Estimate | None:
+    """What the plan's pending stage runs will cost, from this sweep's measured batches; None until
+    every stage they need is measured (costs.MIN_BATCHES)."""
+    if led is None:
+        return None
+    return costs.estimate(plan, costs.stage_costs(led.measured_batches()), costs.workload(sweep))
+
+
+def estimate_doc(est: costs.Estimate | None) -> dict[str, Any] | None:
+    if est is None:
+        return None
+    return {"wall_s": round(est.wall_s, 1), "core_hours": round(est.core_hours, 3),
+            "measured_batches": est.measured, "line": est.line()}
+
+
 def status(sweep: Sweep) -> dict[str, Any]:
     """Trials by state, stage runs by stage and state, and what the driver is running now."""
     by_state: dict[str, int] = {"done": 0, "failed": 0, "running": 0, "pending": len(sweep.trials)}
     runs: dict[str, dict[str, int]] = {s.label: {} for s in Stage}
     running: list[dict[str, Any]] = []
+    est: costs.Estimate | None = None
     with existing_ledger(sweep) as led:
         if led is not None:
+            est = estimate(sweep, led, plan_for(sweep, led))
             df = results.table(sweep, led)
             by_state = {k: int((df["state"] == k).sum()) for k in by_state}
             for r in led.stage_runs():
@@ -57,7 +75,7 @@ def status(sweep: Sweep) -> dict[str, Any]:
     return {"sweep": sweep.name, "workdir": str(sweep.workdir),
             "driver_pid": holder.pid if holder else None, "driver_host": holder.host if holder else None,
             "driver": holder.describe() if holder else None, "trials": by_state,
-            "stage_runs": runs, "running": running if holder else []}
+            "stage_runs": runs, "running": running if holder else [], "estimate": estimate_doc(est)}
 
 
 def _no_such_column(option: str, name: str, df: pd.DataFrame) -> BadInput:

@@ -22,8 +22,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from gridsearch.acks import BatchCost, acknowledge, cpu_seconds
-from gridsearch.runtime import run_batch
+from gridsearch.acks import BatchCost, acknowledge, cpu_seconds, reset_peak_rss
+from gridsearch.runtime import load_config, run_batch
 from gridsearch.stages import Stage
 
 FAIL_ENV = "GRIDSEARCH_FAIL"
@@ -74,13 +74,78 @@ def _inject(parts: list[str], stage: str, batch: int | None, when: str) -> None:
     raise RuntimeError(f"injected failure in {stage} batch {batch}" + (" after it ran" * (when == "after")))
 
 
+# Start-up of this process: seconds from its start to ultrack imported (None: not ready yet), and
+# whether a batch has already been charged with it (a pool worker pays it once, a SLURM task per task).
+_startup_s: float | None = None
+_startup_charged = False
+
+
+def _process_age() -> float | None:
+    try:
+        import psutil
+
+        return time.time() - psutil.Process().create_time()
+    except Exception:  # no psutil or no /proc: the start-up is then unknown, not wrong
+        return None
+
+
+def get_ready(*, own_process: bool) -> float | None:
+    """Import ultrack once per process and remember what getting here cost.
+
+    own_process: this process exists to run batches (pool worker, SLURM task): its start-up is the
+    time since the process started, interpreter and imports included. Otherwise (the driver runs
+    batches itself) only the import of ultrack, which the driver pays for its batches."""
+    global _startup_s
+    if _startup_s is None:
+        t0 = time.perf_counter()
+        import ultrack  # noqa: F401
+
+        _startup_s = (_process_age() if own_process else None) or time.perf_counter() - t0
+    return _startup_s
+
+
+def _charge_startup() -> tuple[float | None, bool]:
+    """(start-up, paid): the first batch after get_ready() paid it, every later one did not."""
+    global _startup_charged
+    paid, _startup_charged = not _startup_charged, True
+    return _startup_s, paid
+
+
+def batch_frames(task: BatchTask) -> int | None:
+    """How many frames the batch covered (what the cost model divides by); None: unknown."""
+    try:
+        import zarr
+
+        stage, cfg = Stage.parse(task.stage), load_config(task.config)
+        n_frames = zarr.open(task.foreground, mode="r").shape[0]
+        n = (cfg.segmentation_config if stage == Stage.SEGMENT else cfg.linking_config).n_workers
+        return frames_of(stage, task.batch, n, cfg.tracking_config.window_size, n_frames)
+    except Exception:  # a cost is never worth failing a batch
+        return None
+
+
+def frames_of(stage: Stage, batch: int | None, frames_per_batch: int, window: int | None,
+              n_frames: int) -> int:
+    """Frames a batch works on, as ultrack splits a stage: segment frames [b*n, (b+1)*n), link the
+    source frames among the first T-1, solve window b of size W; batch None: the whole stage."""
+    last = n_frames - 1 if stage == Stage.LINK else n_frames  # a link goes from t to t+1
+    if batch is None:
+        return last
+    size = (window or n_frames) if stage == Stage.SOLVE else frames_per_batch
+    return max(0, min((batch + 1) * size, last) - batch * size)
+
+
 def run_and_acknowledge(task: BatchTask, ledger: sa.Engine | None = None) -> BatchCost:
     """``ledger``: an open engine on the ledger database (the driver has one), else task.ledger."""
+    get_ready(own_process=False)  # no-op in a worker process: serve() and main() got ready first
+    startup, paid = _charge_startup()
+    frames = batch_frames(task)
+    reset_peak_rss()
     t0, cpu0 = time.perf_counter(), cpu_seconds()
     inject_failure(task.stage, task.batch, "before")
     run_batch(Stage.parse(task.stage), task.config, task.batch, task.run_id, task.foreground, task.contours)
     inject_failure(task.stage, task.batch, "after")
-    cost = BatchCost.since(t0, cpu0)
+    cost = BatchCost.since(t0, cpu0, frames=frames, startup_s=startup, paid_startup=paid)
     acknowledge(ledger if ledger is not None else task.ledger, task.run_id, task.batch or 0, cost)
     return cost
 
@@ -105,7 +170,7 @@ def serve(parent: int | None = None) -> int:
     out = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
     sys.stdout = sys.stderr
-    import ultrack  # noqa: F401  (pay the import once, before the first task)
+    get_ready(own_process=True)  # pay the import once, before the first task
 
     out.write(json.dumps({"ready": os.getpid()}) + "\n")
     out.flush()
@@ -138,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.serve:
         return serve(a.parent)
     batch = a.batch if a.batch is not None else int(os.environ["SLURM_ARRAY_TASK_ID"])
+    get_ready(own_process=True)
     run_and_acknowledge(BatchTask(a.stage, str(a.config), a.fg, a.ct, a.ledger, a.run, batch))
     return 0
 

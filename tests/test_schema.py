@@ -134,3 +134,35 @@ def test_runs_opened_up_front_are_abandoned_not_interrupted_when_never_started(t
         assert states == ["failed", "abandoned", "abandoned"]
     finally:
         led.close()
+
+
+def test_v2_workdir_is_migrated_and_its_acks_still_count(tmp_path: Path) -> None:
+    """v3 adds the cost columns to gs_batch; a v2 ack (no frames, no start-up) stays the proof its
+    batch is complete, and the cost model leaves it out."""
+    db = tmp_path / "s.db"
+    url = f"sqlite:///{db}"
+    led = Ledger(url, "s")
+    fps = {s: f"fp-{s.label}" for s in Stage}
+    run = led.open_stage_runs("main", "k", fps, [Stage.SEGMENT], {})[Stage.SEGMENT]
+    led.start_stage(run, 2)
+    led.close()
+    with sqlite3.connect(db) as c:  # back to v2: gs_batch as gridsearch 0.2 wrote it
+        for col in ("frames", "startup_s", "paid_startup"):
+            c.execute(f"ALTER TABLE gs_batch DROP COLUMN {col}")
+        c.execute("INSERT INTO gs_batch (run_id, batch, finished_at, wall_s, cpu_s, max_rss_mb, host) "
+                  "VALUES (?, 0, 0, 1.0, 1.0, 100.0, 'h')", (run,))
+        c.execute("UPDATE gs_meta SET value = '2' WHERE key = 'schema_version'")
+    with pytest.raises(SchemaMismatch, match=r"older gridsearch \(schema v2\)"):
+        Ledger(url, "s", read_only=True)
+    led = Ledger(url, "s")
+    try:
+        assert _version(db) == str(SCHEMA_VERSION) == "3"
+        cost = BatchCost(2.0, 3.0, 200.0, frames=4, startup_s=5.0, paid_startup=True)
+        acknowledge(led.engine, run, 1, cost)
+        assert led.acked([run]) == {run: {0, 1}}
+        led.finish_stage(run, "main", Stage.SEGMENT, fps[Stage.SEGMENT])
+        assert led.measured_batches() == [{"stage": "segment", "wall_s": 2.0, "cpu_s": 3.0,
+                                           "max_rss_mb": 200.0, "frames": 4, "startup_s": 5.0,
+                                           "paid_startup": True}]
+    finally:
+        led.close()
