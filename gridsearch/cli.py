@@ -129,8 +129,12 @@ def sweep(spec: str, restart: bool, quiet: bool) -> None:
 @main.command()
 @click.argument("spec", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True)
-def plan(spec: str, as_json: bool) -> None:
-    """Dry run: the trials in run order, where each starts, stage runs against the naive count."""
+@click.option("--nodes", type=click.IntRange(min=1), help="simulate the makespan on this many nodes")
+@click.option("--cpus-per-node", type=click.IntRange(min=1), default=1, show_default=True,
+              help="with --nodes: tasks each node runs at once")
+def plan(spec: str, as_json: bool, nodes: int | None, cpus_per_node: int) -> None:
+    """Dry run: the trials in run order, where each starts, stage runs against the naive count,
+    how the branches overlap, and the estimated time once costs are measured."""
     from gridsearch import views
     from gridsearch.engine import existing_ledger, plan_for
 
@@ -138,6 +142,7 @@ def plan(spec: str, as_json: bool) -> None:
     with existing_ledger(sw) as led:
         p = plan_for(sw, led)
         est = views.estimate(sw, led, p)
+        fan = views.branches(sw, led, p, nodes, cpus_per_node)
     runs = p.stage_runs()
     jobs: dict[str, list[str]] = {}
     if sw.executor.kind == "slurm":
@@ -160,6 +165,7 @@ def plan(spec: str, as_json: bool) -> None:
         "total_stage_runs": sum(runs.values()),
         "naive_stage_runs": p.naive_runs,
         "estimate": views.estimate_doc(est),
+        "branches": fan,
     }
     if as_json:
         click.echo(json.dumps(doc, indent=1))
@@ -179,6 +185,7 @@ def plan(spec: str, as_json: bool) -> None:
         "stage runs: " + ", ".join(f"{k} {v}" for k, v in doc["stage_runs"].items())
         + f" = {doc['total_stage_runs']} (naive {doc['naive_stage_runs']})"
     )
+    c.print(views.branches_line(fan, nodes))
     if est is not None:
         c.print(est.line())
 

@@ -7,6 +7,7 @@ never guessed, so nothing is shown rather than a number that misleads."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import statistics
@@ -14,6 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from gridsearch.branches import simulate
 from gridsearch.planner import Plan
 from gridsearch.spec import Sweep
 from gridsearch.stages import Stage, stage_phases
@@ -170,3 +172,18 @@ def duration(seconds: float) -> str:
     if minutes < 60:  # 59.6 min reads "1 h 0 min", not "60 min"
         return f"{minutes} min"
     return f"{minutes // 60} h {minutes % 60} min"
+
+
+def branch_estimate(plan: Plan, costs: Mapping[Stage, StageCost], work: Workload,
+                    parallel: int) -> Estimate | None:
+    """With `parallel` databases the branches overlap: the wall time is the simulated makespan of
+    the engine's own scheduling (gridsearch.branches), each branch's stage runs getting an equal
+    share of the executor's parallelism (an upper bound when fewer branches are active)."""
+    serial = estimate(plan, costs, work)
+    if serial is None or parallel <= 1 or not plan.pending:
+        return serial
+    share = dataclasses.replace(work, parallelism=max(1, work.parallelism // parallel))
+    window = plan.pending[0].trial.sections.get("tracking", {}).get("window_size")
+    walls = {s: stage_run(s, c, share, window)[0] for s, c in costs.items()}
+    sim = simulate([pt.trial for pt in plan.pending], parallel, walls)
+    return Estimate(sim.makespan, serial.core_hours, serial.measured)

@@ -4,6 +4,8 @@ ledger without starting anything a running sweep owns. The CLI only prints these
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import itertools
 from collections.abc import Iterator
 from typing import Any
 
@@ -46,7 +48,8 @@ def estimate(sweep: Sweep, led: Ledger | None, plan: Plan) -> costs.Estimate | N
     every stage they need is measured (costs.MIN_BATCHES)."""
     if led is None:
         return None
-    return costs.estimate(plan, costs.stage_costs(led.measured_batches()), costs.workload(sweep))
+    return costs.branch_estimate(plan, costs.stage_costs(led.measured_batches()), costs.workload(sweep),
+                                 sweep.file.parallel)
 
 
 def estimate_doc(est: costs.Estimate | None) -> dict[str, Any] | None:
@@ -120,3 +123,41 @@ def _cell(v: Any) -> str:
         if pd.isna(v):
             return ""
     return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def branches(sweep: Sweep, led: Ledger | None, plan: Plan, nodes: int | None = None,
+             cpus_per_node: int = 1) -> dict[str, Any]:
+    """How the branches of the plan overlap with `parallel` databases: forks, how many stage runs
+    at once, and (once every stage is measured) the simulated makespan, on `nodes` nodes if given
+    (SLURM's max_parallel still caps the tasks at once)."""
+    from gridsearch.branches import DEFAULT_COST, simulate
+
+    k = sweep.file.parallel
+    order = [pt.trial for pt in plan.pending]
+    doc: dict[str, Any] = {"parallel": k, "forks": 0, "runs_at_once": 1 if order else 0, "makespan_s": None}
+    if not order:
+        return doc
+    measured = costs.stage_costs(led.measured_batches()) if led is not None else {}
+    work = costs.workload(sweep)
+    if nodes is not None:
+        slots = nodes * max(1, cpus_per_node)
+        cap = sweep.executor.max_parallel if sweep.executor.kind == "slurm" else slots
+        work = dataclasses.replace(work, parallelism=max(1, min(slots, cap)))
+    sim = simulate(order, k, DEFAULT_COST)
+    edges = sorted([(r.start, 1) for r in sim.runs] + [(r.end, -1) for r in sim.runs])
+    doc.update(forks=sim.forks, runs_at_once=max(itertools.accumulate(d for _, d in edges)))
+    est = costs.branch_estimate(plan, measured, work, k)
+    if est is not None:
+        doc.update(makespan_s=round(est.wall_s, 1), parallelism=work.parallelism)
+    return doc
+
+
+def branches_line(doc: dict[str, Any], nodes: int | None) -> str:
+    where = f" on {nodes} node(s), {doc.get('parallelism')} tasks at once" if nodes else ""
+    line = (f"branches: up to {doc['parallel']} database(s) at once, {doc['forks']} fork(s), "
+            f"up to {doc['runs_at_once']} stage run(s) at the same time")
+    if doc["makespan_s"] is not None:
+        line += f"; simulated makespan{where}: {costs.duration(doc['makespan_s'])}"
+    elif nodes:
+        line += "; no makespan until every stage has measured batches (run a few trials first)"
+    return line
