@@ -1,0 +1,74 @@
+"""Branches at once on SLURM (`parallel: K`), on the real single-node test cluster: the branches'
+arrays are queued together, one squeue (and at most one sacct) per poll whatever the number of
+arrays and branches, and the table equals the serial SQLite sweep's."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+from helpers import comparable, write_spec
+from test_slurm import SLURM, _ledger, _live, _stop_server, cluster, short_movie  # noqa: F401
+
+from gridsearch import results
+from gridsearch.engine import existing_ledger, run_sweep
+from gridsearch.slurm import gateway
+from gridsearch.spec import load
+
+pytestmark = [pytest.mark.slurm, cluster]
+
+GRID = "grid:\n  linking.max_distance: [6.0, 15.0]\n  tracking.appear_weight: [-0.1, -0.5]\n"
+WIDE = SLURM.replace("max_parallel: 2", "max_parallel: 8") + "parallel: 3\n"
+
+
+def test_branches_share_one_poll_and_match_the_serial_sweep(
+    open_tmp: Path, short_movie: dict[str, Path], monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
+    plain = write_spec(open_tmp / "plain", short_movie, name="slbref", grid=GRID)
+    run_sweep(load(plain))
+    with existing_ledger(load(plain)) as led:
+        want = results.table(load(plain), led)
+
+    # every scheduler call, and for each poll: the calls it made and the arrays it asked about
+    calls: list[str] = []
+    polls: list[dict[str, Any]] = []
+    real_run, real_poll = gateway._run, gateway.Poller.poll
+
+    def counting_run(argv: Sequence[str], *a: Any, **k: Any) -> Any:
+        calls.append(argv[0])
+        return real_run(argv, *a, **k)
+
+    def counting_poll(self: gateway.Poller, arrays: dict[str, list[int]]) -> Any:
+        before = len(calls)
+        out = real_poll(self, arrays)
+        polls.append({"arrays": len(arrays), "calls": calls[before:]})
+        return out
+
+    monkeypatch.setattr(gateway, "_run", counting_run)
+    monkeypatch.setattr(gateway.Poller, "poll", counting_poll)
+    spec = write_spec(open_tmp, short_movie, name="slbr", grid=GRID, extra=WIDE)
+    try:
+        out = run_sweep(load(spec))
+        assert (out.completed, out.failed) == (4, 0)
+        assert _live(spec) == []
+        df, rows = _ledger(spec)
+        with existing_ledger(load(spec)) as led:
+            runs = pd.DataFrame(led.stage_runs())
+    finally:
+        _stop_server(spec)
+    pd.testing.assert_frame_equal(comparable(df), comparable(want))
+    # one segment run, two link runs on two databases, four solves: each result once
+    done = runs[runs.state == "done"]
+    assert done.groupby("stage").size().to_dict() == {"segment": 1, "link": 2, "solve": 4}
+    assert runs.database.nunique() >= 2
+    # several branches' arrays were polled together, and never with more than one squeue per poll
+    busy = [p for p in polls if p["arrays"] >= 2]
+    assert busy, f"no poll ever watched two arrays: {[p['arrays'] for p in polls]}"
+    assert max(p["arrays"] for p in polls) >= 3
+    for p in polls:
+        assert p["calls"].count("squeue") == 1 and p["calls"].count("sacct") <= 1, p
+    # arrays of different trials were in the queue at the same time
+    assert rows.trial_key.nunique() >= 3
