@@ -203,7 +203,7 @@ class _Driver:
         stages = [s for s in Stage if first <= s <= last]
         phase("clear", trial.key, first.label)
         self.ledger.invalidate(db.name, first)
-        adopted = self.executor.reattach(trial.key, first)
+        adopted = self.executor.reattach(trial.key, first, db.name)
         if not adopted:
             db.clear(first)
         runs = self.ledger.open_stage_runs(db.name, trial.key, trial.fingerprints, stages, adopted)

@@ -227,6 +227,14 @@ class Ledger:
             rows = c.execute(sa.select(stage_run_t, done).order_by(stage_run_t.c.id)).mappings().all()
         return [dict(r) for r in rows]
 
+    def run_databases(self, run_ids: Iterable[int]) -> dict[int, str]:
+        """Which database each stage run wrote to (a re-attached array must keep writing there)."""
+        ids = list(run_ids)
+        with self.engine.connect() as c:
+            rows = c.execute(sa.select(stage_run_t.c.id, stage_run_t.c.database)
+                             .where(stage_run_t.c.id.in_(ids))).all()
+        return {int(i): str(d) for i, d in rows}
+
     def measured_batches(self) -> list[dict[str, Any]]:
         """Every acknowledged batch whose worker measured it (schema v3 on), with its stage: what
         the cost model (gridsearch.costs) is built from. Older acks know no frames: left out."""

@@ -333,12 +333,19 @@ def test_reattach_refuses_arrays_whose_task_indices_meant_other_frames(
         return SlurmExecutor(ExecutorContext(sweep, ws, Backend(ws, ledger.url), ledger)), ledger
 
     old, ledger = executor(1)
-    for stage, run in ((Stage.SEGMENT, 11), (Stage.LINK, 12)):
+    fps = {s: f"fp-{s.label}" for s in Stage}
+    runs = ledger.open_stage_runs("main", "k", fps, [Stage.SEGMENT, Stage.LINK], {})
+    for stage, run in runs.items():
         old.store.add("k", stage.label, 0, f"99999{run}", "0-3", 0, 0, run, frames_per_batch=1)
-    assert old.reattach("k", Stage.SEGMENT) == {Stage.SEGMENT: 11, Stage.LINK: 12}  # same n: adopted
+    assert old.reattach("k", Stage.SEGMENT, "main") == runs  # same n, same database: adopted
     ledger.close()
     new, ledger = executor(2)
-    assert new.reattach("k", Stage.SEGMENT) == {}
+    assert new.reattach("k", Stage.SEGMENT, "main") == {}
+    assert {r.state for r in new.store.rows()} == {"closed"}
+    # arrays a killed driver's branch left writing into a fork are never adopted for another database
+    fork = ledger.open_stage_runs("f1", "k", fps, [Stage.LINK], {})
+    new.store.add("k", "link", 0, "9999913", "0-3", 0, 0, fork[Stage.LINK], frames_per_batch=2)
+    assert new.reattach("k", Stage.LINK, "main") == {}
     assert {r.state for r in new.store.rows()} == {"closed"}
     ledger.close()
 

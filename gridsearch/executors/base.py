@@ -108,9 +108,10 @@ class Executor(abc.ABC):
     def run(self, jobs: Sequence[StageJob], events: Events) -> None:
         """Run every job in order; raise StageFailed at the first failure, after stopping the rest."""
 
-    def reattach(self, trial_key: str, first: Stage) -> dict[Stage, int]:
-        """{stage: run id} of jobs a killed driver left running for this trial (from `first` on):
-        the engine then keeps the database and those runs. Empty: nothing to re-attach."""
+    def reattach(self, trial_key: str, first: Stage, database: str) -> dict[Stage, int]:
+        """{stage: run id} of jobs a killed driver left running for this trial (from `first` on)
+        on `database`: the engine then keeps the database and those runs. Empty: nothing to
+        re-attach."""
         return {}
 
     def close(self) -> None:  # noqa: B027 (optional hook)

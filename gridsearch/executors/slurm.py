@@ -67,7 +67,7 @@ class SlurmExecutor(Executor):
         return {"PGPASSFILE": str(write_pgpass(self.ctx.ws.pgpass, password))}
 
     # ---- re-attach ------------------------------------------------------------------------------
-    def reattach(self, trial_key: str, first: Stage) -> dict[Stage, int]:
+    def reattach(self, trial_key: str, first: Stage, database: str) -> dict[Stage, int]:
         """{stage: run id} of this trial's arrays from `first` on that a killed driver left in the
         ledger, finished or not: their workers' acknowledgements say what is done. Queued tasks
         must still be able to log in (stable password), else everything starts over."""
@@ -77,6 +77,11 @@ class SlurmExecutor(Executor):
         mine = [r for r in active if r.trial_key == trial_key]
         self.store.close([r.id for r in mine if Stage.parse(r.stage) < first])  # trusted already
         mine = [r for r in mine if Stage.parse(r.stage) >= first]
+        # arrays of this trial writing into another database (a branch of a killed driver that
+        # now runs elsewhere) are withdrawn like any other
+        where = self.ctx.ledger.run_databases(r.run_id for r in mine if r.run_id is not None)
+        withdrawn += [r for r in mine if r.run_id is None or where.get(r.run_id) != database]
+        mine = [r for r in mine if r.run_id is not None and where.get(r.run_id) == database]
         # a task index means frames [b*n, (b+1)*n): with another n, queued tasks would read the
         # trial's new config.toml with old indices and skip frames
         runs = {Stage.parse(r.stage): r.run_id for r in mine
@@ -88,8 +93,9 @@ class SlurmExecutor(Executor):
         self._withdraw(withdrawn)
         stray = set() if self.strays_checked else self._cancel_strays()
         self.strays_checked = True  # from here on, every array of this sweep is this driver's
-        if not runs:  # the engine clears the database next: nothing withdrawn may still be writing
-            gateway.wait_all_gone(sorted({r.job_id for r in withdrawn} | stray))
+        # gone before anything is cleared: this database next, or the database a withdrawn
+        # branch wrote to when its node runs again
+        gateway.wait_all_gone(sorted({r.job_id for r in withdrawn} | stray))
         return runs
 
     def _cancel_strays(self) -> set[str]:
