@@ -12,6 +12,7 @@ import pytest
 from helpers import write_spec
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The SLURM tests share one test cluster (and some change its settings): one worker runs them
     all, in turn. The longest chains go first, so the two workers end close together."""
@@ -19,6 +20,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if item.get_closest_marker("slurm") or item.get_closest_marker("switches_cluster_mode"):
             item.add_marker(pytest.mark.xdist_group("slurm"))
     items.sort(key=lambda item: "test_kill_anywhere" not in item.nodeid)
+
+
+@pytest.fixture(autouse=True)
+def one_cluster(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A second guard besides the xdist group: two SLURM tests never use the cluster at once."""
+    if request.node.get_closest_marker("slurm") is None:
+        yield
+        return
+    from filelock import FileLock
+
+    with FileLock(Path(tempfile.gettempdir()) / "gridsearch-slurm-tests.lock"):
+        yield
 
 
 @pytest.fixture(scope="session")
