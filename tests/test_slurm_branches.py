@@ -14,6 +14,7 @@ from helpers import comparable, write_spec
 from test_slurm import SLURM, _ledger, _live, _stop_server, cluster, short_movie  # noqa: F401
 
 from gridsearch import results
+from gridsearch.core.waiting import wait_until
 from gridsearch.engine import existing_ledger, run_sweep
 from gridsearch.slurm import gateway
 from gridsearch.spec import load
@@ -53,7 +54,8 @@ def test_branches_share_one_poll_and_match_the_serial_sweep(
     try:
         out = run_sweep(load(spec))
         assert (out.completed, out.failed) == (4, 0)
-        assert _live(spec) == []
+        # a task acknowledges its batch as its last act; its process may take a moment to leave
+        assert wait_until(lambda: _live(spec) == [], 60, 0.5), _live(spec)
         df, rows = _ledger(spec)
         with existing_ledger(load(spec)) as led:
             runs = pd.DataFrame(led.stage_runs())
@@ -68,7 +70,8 @@ def test_branches_share_one_poll_and_match_the_serial_sweep(
     busy = [p for p in polls if p["arrays"] >= 2]
     assert busy, f"no poll ever watched two arrays: {[p['arrays'] for p in polls]}"
     assert max(p["arrays"] for p in polls) >= 3
-    for p in polls:
-        assert p["calls"].count("squeue") == 1 and p["calls"].count("sacct") <= 1, p
+    for p in polls:  # nothing queued: nothing to ask
+        want = 1 if p["arrays"] else 0
+        assert p["calls"].count("squeue") == want and p["calls"].count("sacct") <= want, p
     # arrays of different trials were in the queue at the same time
     assert rows.trial_key.nunique() >= 3
