@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+import operator
 import os
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -14,6 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from gridsearch.core.bulk import gc_paused
 from gridsearch.inputs import (
     array_identity,
     check_ground_truth,
@@ -26,7 +29,9 @@ from gridsearch.stages import (
     SECTION_OF,
     Stage,
     canonical_json,
-    fingerprints,
+    chain_fingerprint,
+    chain_from,
+    stage_params_json,
 )
 from gridsearch.validate import (
     SpecError,
@@ -37,7 +42,7 @@ from gridsearch.validate import (
     workdir_problem,
 )
 
-MAX_TRIALS = 10_000
+MAX_TRIALS = 10_000  # default of the sweep file's max_trials
 # What a trial can be ranked by (all maximised): CTC metrics need ground truth.
 CTC_METRICS = ("TRA", "DET", "LNK", "CHOTA", "SEG")
 SUMMARY_FIGURES = ("selected_nodes", "tracks", "divisions", "mean_track_length")
@@ -111,6 +116,7 @@ class SweepFile(_Strict):
     executor: Literal["local", "slurm"] | ExecutorSpec = "local"
     objective: str | None = None
     keep_label_images: bool = True
+    max_trials: int = Field(MAX_TRIALS, ge=1)  # a guard against a typo'd grid, not a hard limit
 
     @field_validator("database", mode="after")
     @classmethod
@@ -270,7 +276,7 @@ def _validate_sections(raw: dict[str, Any], where: str) -> dict[str, dict[str, A
     return {s: dumped[s] for s in SWEEPABLE}
 
 
-def _check_grid(grid: dict[str, list[Any]], spec_path: Path) -> None:
+def _check_grid(grid: dict[str, list[Any]], max_trials: int, spec_path: Path) -> None:
     if not grid:
         raise SpecError(f"{spec_path}: grid: empty; give at least one key with a list of values")
     total = 1
@@ -291,10 +297,10 @@ def _check_grid(grid: dict[str, list[Any]], spec_path: Path) -> None:
         if len(seen) != len(values):
             raise SpecError(f"{spec_path}: grid.{key}: duplicate values in {values}")
         total *= len(values)
-    if total > MAX_TRIALS:
+    if total > max_trials:
         raise SpecError(
-            f"{spec_path}: grid: {total:,} combinations exceeds the limit of {MAX_TRIALS:,}; "
-            "split the sweep or narrow the lists"
+            f"{spec_path}: grid: {total:,} combinations exceeds max_trials ({max_trials:,}); "
+            "raise max_trials in the sweep file, split the sweep or narrow the lists"
         )
 
 
@@ -351,21 +357,47 @@ def _resolve_data(sf: SweepFile, base: Path, spec_path: Path) -> tuple[str, tupl
 def _expand(grid: dict[str, list[Any]], base_raw: dict[str, Any], data_identity: str,
             spec_path: Path, batching: tuple[int, int]) -> list[Trial]:
     """The cartesian product, each trial validated by ultrack's models and by ours, every stage
-    with at least one batch for `batching` (frames, frames per batch); no two alike."""
+    with at least one batch for `batching` (frames, frames per batch); no two alike.
+
+    Every rule looks at one section at a time (ultrack's MainConfig has no cross-section
+    validator; section_problem and batch_problem neither), so a trial whose three sections were
+    each seen in an earlier valid trial is valid too: only a trial with an unseen section is
+    validated, in full and as before, so the first bad trial raises the same line. Per-stage
+    fingerprints are computed once per distinct prefix: 100,000 trials plan in about a second."""
     keys = list(grid)
+    values = [grid[k] for k in keys]
+    pick = {s: _picker([i for i, k in enumerate(keys) if k.partition(".")[0] == s]) for s in SWEEPABLE}
+    pick_seg, pick_link, pick_track = pick["segmentation"], pick["linking"], pick["tracking"]
+    cache: dict[str, dict[Any, dict[str, Any]]] = {s: {} for s in SWEEPABLE}  # value indices -> section
+    seg_cache, link_cache, track_cache = cache["segmentation"], cache["linking"], cache["tracking"]
+    seg_fp: dict[Any, str] = {}
+    link_fp: dict[tuple[Any, Any], tuple[str, Callable[[bytes], str]]] = {}
+    track_json: dict[Any, bytes] = {}
     trials: list[Trial] = []
-    for number, combo in enumerate(itertools.product(*(grid[k] for k in keys))):
+    combos = zip(itertools.product(*values), itertools.product(*(range(len(v)) for v in values)), strict=True)
+    for number, (combo, idx) in enumerate(combos):
         params = dict(zip(keys, combo, strict=True))
-        raw_sections = {s: dict(base_raw.get(s, {})) for s in SWEEPABLE}
-        for key, value in params.items():
-            section, _, name = key.partition(".")
-            raw_sections[section][name] = value
-        where = f"{spec_path}: grid ({', '.join(f'{k}={v}' for k, v in params.items())}): "
-        sections = _validate_sections(raw_sections, where)
-        problem = batch_problem(sections, *batching)
-        if problem:
-            raise SpecError(f"{where}{problem}")
-        trials.append(Trial(number, params, sections, fingerprints(sections, data_identity)))
+        ks, kl, kt = pick_seg(idx), pick_link(idx), pick_track(idx)
+        seg, link, track = seg_cache.get(ks), link_cache.get(kl), track_cache.get(kt)
+        if seg is None or link is None or track is None:
+            sections = _validate_trial(params, base_raw, spec_path, batching)
+            seg = seg_cache.setdefault(ks, sections["segmentation"])
+            link = link_cache.setdefault(kl, sections["linking"])
+            track = track_cache.setdefault(kt, sections["tracking"])
+        fs = seg_fp.get(ks)
+        if fs is None:
+            fs = seg_fp[ks] = chain_fingerprint(data_identity, Stage.SEGMENT,
+                                                stage_params_json(Stage.SEGMENT, seg))
+        fl, solve_of = link_fp.get((ks, kl)) or (None, None)
+        if fl is None or solve_of is None:
+            fl = chain_fingerprint(fs, Stage.LINK, stage_params_json(Stage.LINK, link))
+            solve_of = chain_from(fl, Stage.SOLVE)
+            link_fp[ks, kl] = (fl, solve_of)
+        tj = track_json.get(kt)
+        if tj is None:
+            tj = track_json[kt] = stage_params_json(Stage.SOLVE, track).encode()
+        fps = {Stage.SEGMENT: fs, Stage.LINK: fl, Stage.SOLVE: solve_of(tj)}
+        trials.append(Trial(number, params, {"segmentation": seg, "linking": link, "tracking": track}, fps))
     assert math.prod(len(v) for v in grid.values()) == len(trials)
     seen: dict[str, Trial] = {}
     for t in trials:
@@ -377,6 +409,28 @@ def _expand(grid: dict[str, list[Any]], base_raw: dict[str, Any], data_identity:
     return trials
 
 
+def _picker(positions: list[int]) -> Callable[[tuple[int, ...]], Any]:
+    """The value indices of one section's keys in a combination: a hashable cache key."""
+    if not positions:
+        return lambda idx: ()
+    return operator.itemgetter(*positions)
+
+
+def _validate_trial(params: dict[str, Any], base_raw: dict[str, Any], spec_path: Path,
+                    batching: tuple[int, int]) -> dict[str, dict[str, Any]]:
+    """One trial's sections, validated by ultrack's models and ours, or the one line why not."""
+    raw_sections = {s: dict(base_raw.get(s, {})) for s in SWEEPABLE}
+    for key, value in params.items():
+        section, _, name = key.partition(".")
+        raw_sections[section][name] = value
+    where = f"{spec_path}: grid ({', '.join(f'{k}={v}' for k, v in params.items())}): "
+    sections = _validate_sections(raw_sections, where)
+    problem = batch_problem(sections, *batching)
+    if problem:
+        raise SpecError(f"{where}{problem}")
+    return sections
+
+
 def load(path: str | Path) -> Sweep:
     """Everything is checked here, before any file or database is touched."""
     spec_path = Path(path)
@@ -386,7 +440,7 @@ def load(path: str | Path) -> Sweep:
     except ValidationError as e:
         raise SpecError(_pydantic_line(f"{spec_path}: ", e)) from None
     base = spec_path.resolve().parent
-    _check_grid(sf.grid, spec_path)
+    _check_grid(sf.grid, sf.max_trials, spec_path)
     _check_options(sf, spec_path)
     data_identity, shape = _resolve_data(sf, base, spec_path)
     base_raw = _load_base_config(sf.config, base, spec_path)
@@ -397,5 +451,6 @@ def load(path: str | Path) -> Sweep:
     base_sections = _validate_sections(base_raw, f"{spec_path}: config.")
     sweep = Sweep(spec_path, sf, base_sections, data_identity, [], shape, uses_full_identity(sf.workdir))
     batching = (shape[0], sweep.executor.frames_per_batch)
-    sweep.trials = _expand(sf.grid, base_raw, data_identity, spec_path, batching)
+    with gc_paused():
+        sweep.trials = _expand(sf.grid, base_raw, data_identity, spec_path, batching)
     return sweep
