@@ -310,6 +310,9 @@ def test_trial_cap_is_a_setting(tmp_path: Path, movie: dict[str, Path]) -> None:
     r = CliRunner().invoke(main, ["plan", "--json", str(spec)])
     assert r.exit_code == 0, (r.output, r.exception)
     assert len(json.loads(r.stdout)["trials"]) == 20_736
+    r = CliRunner().invoke(main, ["plan", str(spec)])  # on screen: a summary, not 20,736 rows
+    assert r.exit_code == 0 and len(r.stdout.splitlines()) < 60, r.output
+    assert "20,706 more trials" in r.stdout and "naive 62208" in r.stdout, r.stdout
     spec.write_text(spec.read_text().replace("max_trials: 25000", "max_trials: 0"))
     r = CliRunner().invoke(main, ["plan", str(spec)])
     assert r.exit_code == 2 and "max_trials" in r.stderr, r.output
