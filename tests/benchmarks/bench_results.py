@@ -103,8 +103,8 @@ def _copy_trial(led, sw) -> None:  # type: ignore[no-untyped-def]
                    "tracks_csv": json.dumps(str(sw.workdir / "trials" / t.key / "tracks.csv"))}
             rows += [{"i": tid + k, "k": a, "v": v} for a, v in own.items()]
             prows += [{"i": tid + k, "p": p, "v": float(t.params[p]), "d": dists[p]} for p in dists]
-        c.execute(sa.text("INSERT INTO trial_user_attributes (trial_id, key, value_json) VALUES (:i, :k, :v)"),
-                  rows)
+        c.execute(sa.text("INSERT INTO trial_user_attributes (trial_id, key, value_json) "
+                          "VALUES (:i, :k, :v)"), rows)
         c.execute(sa.text("INSERT INTO trial_params (trial_id, param_name, param_value, distribution_json) "
                           "VALUES (:i, :p, :v, :d)"), prows)
 
