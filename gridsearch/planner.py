@@ -77,9 +77,9 @@ def make_plan(
     """Simulate the database along the DFS order: each trial starts at its first changed stage."""
     trials = list(trials)
     with gc_paused():
-        pending = [t for t in trials if t.key not in finished]
+        pending = [t for t in trials if t.key not in finished] if finished else trials
         order = dfs_order(pending, held)
-        planned = [PlannedTrial(t, None, True) for t in trials if t.key in finished]
+        planned = [PlannedTrial(t, None, True) for t in trials if t.key in finished] if finished else []
         # stages.earliest_changed_stage, unrolled: the database's state after each trial
         s0, s1, s2 = held.get(_SEGMENT), held.get(_LINK), held.get(_SOLVE)
         for t in order:

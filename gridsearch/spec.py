@@ -372,13 +372,12 @@ def _expand(grid: dict[str, list[Any]], base_raw: dict[str, Any], data_identity:
     cache: dict[str, dict[Any, dict[str, Any]]] = {s: {} for s in SWEEPABLE}  # value indices -> section
     seg_cache, link_cache, track_cache = cache["segmentation"], cache["linking"], cache["tracking"]
     seg_fp: dict[Any, str] = {}
-    link_fp: dict[tuple[Any, Any], tuple[str, Callable[[bytes], str]]] = {}
-    track_json: dict[Any, bytes] = {}
-    trials: list[Trial] = []
-    combos = zip(itertools.product(*values), itertools.product(*(range(len(v)) for v in values)), strict=True)
-    for number, (combo, idx) in enumerate(combos):
-        params = dict(zip(keys, combo, strict=True))
-        ks, kl, kt = pick_seg(idx), pick_link(idx), pick_track(idx)
+    # (segment, link) value indices -> both sections, their fingerprints, the solve fingerprint's
+    # shared hash; tracking value indices -> the section and its hashed JSON
+    prefixes: dict[tuple[Any, Any], _Prefix] = {}
+    tracks: dict[Any, tuple[dict[str, Any], bytes]] = {}
+
+    def new_sections(params: dict[str, Any], ks: Any, kl: Any, kt: Any) -> None:
         seg, link, track = seg_cache.get(ks), link_cache.get(kl), track_cache.get(kt)
         if seg is None:
             seg = _valid_section("segmentation", base_raw, params)
@@ -394,17 +393,29 @@ def _expand(grid: dict[str, list[Any]], base_raw: dict[str, Any], data_identity:
         if fs is None:
             fs = seg_fp[ks] = chain_fingerprint(data_identity, Stage.SEGMENT,
                                                 stage_params_json(Stage.SEGMENT, seg))
-        fl, solve_of = link_fp.get((ks, kl)) or (None, None)
-        if fl is None or solve_of is None:
+        if (ks, kl) not in prefixes:
             fl = chain_fingerprint(fs, Stage.LINK, stage_params_json(Stage.LINK, link))
-            solve_of = chain_from(fl, Stage.SOLVE)
-            link_fp[ks, kl] = (fl, solve_of)
-        tj = track_json.get(kt)
-        if tj is None:
-            tj = track_json[kt] = stage_params_json(Stage.SOLVE, track).encode()
-        fps = {Stage.SEGMENT: fs, Stage.LINK: fl, Stage.SOLVE: solve_of(tj)}
+            prefixes[ks, kl] = (seg, link, fs, fl, chain_from(fl, Stage.SOLVE))
+        if kt not in tracks:
+            tracks[kt] = (track, stage_params_json(Stage.SOLVE, track).encode())
+
+    segment_, link_, solve_ = Stage.SEGMENT, Stage.LINK, Stage.SOLVE  # locals: the loop runs 10^5 times
+    trials: list[Trial] = []
+    combos = zip(itertools.product(*values), itertools.product(*(range(len(v)) for v in values)), strict=True)
+    for number, (combo, idx) in enumerate(combos):
+        params = dict(zip(keys, combo, strict=True))
+        pk, kt = (pick_seg(idx), pick_link(idx)), pick_track(idx)
+        prefix, tr = prefixes.get(pk), tracks.get(kt)
+        if prefix is None or tr is None:
+            new_sections(params, *pk, kt)
+            prefix, tr = prefixes[pk], tracks[kt]
+        seg, link, fs, fl, solve_of = prefix
+        track, tj = tr
+        fps = {segment_: fs, link_: fl, solve_: solve_of(tj)}
         trials.append(Trial(number, params, {"segmentation": seg, "linking": link, "tracking": track}, fps))
     assert math.prod(len(v) for v in grid.values()) == len(trials)
+    if len({t.fingerprints[solve_] for t in trials}) == len(trials):
+        return trials
     seen: dict[str, Trial] = {}
     for t in trials:
         if t.key in seen:
@@ -413,6 +424,9 @@ def _expand(grid: dict[str, list[Any]], base_raw: dict[str, Any], data_identity:
             raise SpecError(f"{spec_path}: grid: duplicate values ({diff}) give the same ultrack config")
         seen[t.key] = t
     return trials
+
+
+_Prefix = tuple[dict[str, Any], dict[str, Any], str, str, Callable[[bytes], str]]
 
 
 def _picker(positions: list[int]) -> Callable[[tuple[int, ...]], Any]:
