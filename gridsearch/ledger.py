@@ -246,11 +246,14 @@ class Ledger:
                                                                _values.c.objective == 0)))
                 .where(_trials.c.study_id == sid).order_by(_trials.c.number)
             ).all()
-            for tid, key, value in c.execute(
+            rows = c.execute(
                 sa.select(_attrs.c.trial_id, _attrs.c.key, _attrs.c.value_json)
                 .join(_trials, _trials.c.trial_id == _attrs.c.trial_id).where(_trials.c.study_id == sid)
-            ):
-                attrs.setdefault(tid, {})[key] = json.loads(value)
+            ).all()
+        # Each value is a JSON text: decoded as one array, in one call (150,000 calls took seconds).
+        decoded = json.loads("[" + ",".join(r[2] for r in rows) + "]")
+        for (tid, key, _), value in zip(rows, decoded, strict=True):
+            attrs.setdefault(tid, {})[key] = value
         out: dict[str, TrialRecord] = {}
         for tid, number, state, started, finished, value, value_type in trials:
             own = attrs.get(tid, {})
