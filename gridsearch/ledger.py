@@ -234,8 +234,8 @@ class Ledger:
     def _read_records(self) -> dict[str, TrialRecord]:
         """What `_remember` makes of `study.get_trials()`, read with one query per table from
         optuna's tables: optuna builds a FrozenTrial per trial, with its params and distributions,
-        in 8.5 s for 10,000 trials (tests/benchmarks/bench_results.py); this takes a fraction of a
-        second. Compared with the optuna path in tests/test_views.py."""
+        in 8.5 s for 10,000 trials (tests/benchmarks/bench_results.py); this takes about 1 s. Compared
+        with the optuna path in tests/test_sweep_sqlite.py."""
         sid = self.study._study_id
         attrs: dict[int, dict[str, Any]] = {}
         with self.engine.connect() as c:
