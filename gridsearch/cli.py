@@ -25,6 +25,8 @@ from gridsearch.core.errors import (
 from gridsearch.spec import Sweep, load
 from gridsearch.stages import Stage, start_label
 
+PLAN_ROWS = 30  # trials `plan` shows on screen; --json lists them all
+
 
 def _console() -> Console:
     """Drawn on a duplicate of fd 1, so that ultrack's own output (sent to a log) cannot mix in."""
@@ -144,46 +146,46 @@ def plan(spec: str, as_json: bool, nodes: int | None, cpus_per_node: int) -> Non
         est = views.estimate(sw, led, p)
         fan = views.branches(sw, led, p, nodes, cpus_per_node)
     runs = p.stage_runs()
+    totals = {"stage_runs": {s.label: runs[s] for s in Stage}, "total_stage_runs": sum(runs.values()),
+              "naive_stage_runs": p.naive_runs}
+    # On screen, a big grid shows its first rows only: 100,000 table rows help nobody.
+    shown = p.trials if as_json else p.trials[:PLAN_ROWS]
     jobs: dict[str, list[str]] = {}
     if sw.executor.kind == "slurm":
         from gridsearch.slurm.describe import describe_jobs
 
-        jobs = {pt.trial.key: describe_jobs(sw, pt) for pt in p.trials}
-    doc = {
-        "trials": [
-            {
-                "trial": pt.trial.key,
-                "number": pt.trial.number,
-                "params": pt.trial.params,
-                "first_stage": None if pt.done else start_label(pt.first_stage),
-                "done": pt.done,
-                **({"jobs": jobs[pt.trial.key]} if jobs else {}),
-            }
-            for pt in p.trials
-        ],
-        "stage_runs": {s.label: runs[s] for s in Stage},
-        "total_stage_runs": sum(runs.values()),
-        "naive_stage_runs": p.naive_runs,
-        "estimate": views.estimate_doc(est),
-        "branches": fan,
-    }
+        jobs = {pt.trial.key: describe_jobs(sw, pt) for pt in shown}
+    rows = [
+        {
+            "trial": pt.trial.key,
+            "number": pt.trial.number,
+            "params": pt.trial.params,
+            "first_stage": None if pt.done else start_label(pt.first_stage),
+            "done": pt.done,
+            **({"jobs": jobs[pt.trial.key]} if jobs else {}),
+        }
+        for pt in shown
+    ]
     if as_json:
-        click.echo(json.dumps(doc, indent=1))
+        click.echo(json.dumps({"trials": rows, **totals, "estimate": views.estimate_doc(est),
+                               "branches": fan}, indent=1))
         return
     t = Table(title=f"{sw.name}: {len(p.trials)} trials")
     for col in ["#", "trial", *sw.grid_keys, "first_stage"]:
         t.add_column(col)
-    for i, row in enumerate(doc["trials"], 1):
+    for i, row in enumerate(rows, 1):
         t.add_row(str(i), row["trial"], *(str(row["params"][k]) for k in sw.grid_keys),
                   "done" if row["done"] else row["first_stage"])
     c = _console()
     c.print(t)
-    for i, row in enumerate(doc["trials"], 1):
+    for i, row in enumerate(rows, 1):
         for line in row.get("jobs", []):
             c.print(f"  {i:>3} {row['trial']} {line}")
+    if len(p.trials) > len(rows):
+        c.print(f"... and {len(p.trials) - len(rows):,} more trials (every one: --json)")
     c.print(
-        "stage runs: " + ", ".join(f"{k} {v}" for k, v in doc["stage_runs"].items())
-        + f" = {doc['total_stage_runs']} (naive {doc['naive_stage_runs']})"
+        "stage runs: " + ", ".join(f"{k} {v}" for k, v in totals["stage_runs"].items())
+        + f" = {totals['total_stage_runs']} (naive {totals['naive_stage_runs']})"
     )
     c.print(views.branches_line(fan, nodes))
     if est is not None:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import math
+import operator
 import os
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -14,6 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from gridsearch.core.bulk import gc_paused
 from gridsearch.inputs import (
     array_identity,
     check_ground_truth,
@@ -26,7 +30,9 @@ from gridsearch.stages import (
     SECTION_OF,
     Stage,
     canonical_json,
-    fingerprints,
+    chain_fingerprint,
+    chain_from,
+    stage_params_json,
 )
 from gridsearch.validate import (
     SpecError,
@@ -37,7 +43,7 @@ from gridsearch.validate import (
     workdir_problem,
 )
 
-MAX_TRIALS = 10_000
+MAX_TRIALS = 10_000  # default of the sweep file's max_trials
 # What a trial can be ranked by (all maximised): CTC metrics need ground truth.
 CTC_METRICS = ("TRA", "DET", "LNK", "CHOTA", "SEG")
 SUMMARY_FIGURES = ("selected_nodes", "tracks", "divisions", "mean_track_length")
@@ -111,6 +117,7 @@ class SweepFile(_Strict):
     executor: Literal["local", "slurm"] | ExecutorSpec = "local"
     objective: str | None = None
     keep_label_images: bool = True
+    max_trials: int = Field(MAX_TRIALS, ge=1)  # a guard against a typo'd grid, not a hard limit
     parallel: int = Field(1, ge=1, le=64)  # databases alive at once: branches of the grid run together
 
     @field_validator("database", mode="after")
@@ -271,7 +278,7 @@ def _validate_sections(raw: dict[str, Any], where: str) -> dict[str, dict[str, A
     return {s: dumped[s] for s in SWEEPABLE}
 
 
-def _check_grid(grid: dict[str, list[Any]], spec_path: Path) -> None:
+def _check_grid(grid: dict[str, list[Any]], max_trials: int, spec_path: Path) -> None:
     if not grid:
         raise SpecError(f"{spec_path}: grid: empty; give at least one key with a list of values")
     total = 1
@@ -292,10 +299,10 @@ def _check_grid(grid: dict[str, list[Any]], spec_path: Path) -> None:
         if len(seen) != len(values):
             raise SpecError(f"{spec_path}: grid.{key}: duplicate values in {values}")
         total *= len(values)
-    if total > MAX_TRIALS:
+    if total > max_trials:
         raise SpecError(
-            f"{spec_path}: grid: {total:,} combinations exceeds the limit of {MAX_TRIALS:,}; "
-            "split the sweep or narrow the lists"
+            f"{spec_path}: grid: {total:,} combinations exceeds max_trials ({max_trials:,}); "
+            "raise max_trials in the sweep file, split the sweep or narrow the lists"
         )
 
 
@@ -352,22 +359,64 @@ def _resolve_data(sf: SweepFile, base: Path, spec_path: Path) -> tuple[str, tupl
 def _expand(grid: dict[str, list[Any]], base_raw: dict[str, Any], data_identity: str,
             spec_path: Path, batching: tuple[int, int]) -> list[Trial]:
     """The cartesian product, each trial validated by ultrack's models and by ours, every stage
-    with at least one batch for `batching` (frames, frames per batch); no two alike."""
+    with at least one batch for `batching` (frames, frames per batch); no two alike.
+
+    Every rule looks at one section at a time (ultrack's MainConfig has no cross-section
+    validator; section_problem and batch_problem neither), so a trial whose three sections were
+    each seen in an earlier valid trial is valid too: only a trial with an unseen section is
+    validated, in full and as before, so the first bad trial raises the same line. Per-stage
+    fingerprints are computed once per distinct prefix: 100,000 trials plan in about a second."""
     keys = list(grid)
+    values = [grid[k] for k in keys]
+    pick = {s: _picker([i for i, k in enumerate(keys) if k.partition(".")[0] == s]) for s in SWEEPABLE}
+    pick_seg, pick_link, pick_track = pick["segmentation"], pick["linking"], pick["tracking"]
+    cache: dict[str, dict[Any, dict[str, Any]]] = {s: {} for s in SWEEPABLE}  # value indices -> section
+    seg_cache, link_cache, track_cache = cache["segmentation"], cache["linking"], cache["tracking"]
+    seg_fp: dict[Any, str] = {}
+    # (segment, link) value indices -> both sections, their fingerprints, the solve fingerprint's
+    # shared hash; tracking value indices -> the section and its hashed JSON
+    prefixes: dict[tuple[Any, Any], _Prefix] = {}
+    tracks: dict[Any, tuple[dict[str, Any], bytes]] = {}
+
+    def new_sections(params: dict[str, Any], ks: Any, kl: Any, kt: Any) -> None:
+        seg, link, track = seg_cache.get(ks), link_cache.get(kl), track_cache.get(kt)
+        if seg is None:
+            seg = _valid_section("segmentation", base_raw, params)
+        if link is None:
+            link = _valid_section("linking", base_raw, params)
+        if track is None and (track := _valid_section("tracking", base_raw, params)) is not None:
+            track = None if batch_problem({"tracking": track}, *batching) else track
+        if seg is None or link is None or track is None:
+            _validate_trial(params, base_raw, spec_path, batching)  # raises the line naming the trial
+            raise AssertionError(f"{params}: a section refused alone passed in its trial")
+        seg_cache[ks], link_cache[kl], track_cache[kt] = seg, link, track
+        fs = seg_fp.get(ks)
+        if fs is None:
+            fs = seg_fp[ks] = chain_fingerprint(data_identity, Stage.SEGMENT,
+                                                stage_params_json(Stage.SEGMENT, seg))
+        if (ks, kl) not in prefixes:
+            fl = chain_fingerprint(fs, Stage.LINK, stage_params_json(Stage.LINK, link))
+            prefixes[ks, kl] = (seg, link, fs, fl, chain_from(fl, Stage.SOLVE))
+        if kt not in tracks:
+            tracks[kt] = (track, stage_params_json(Stage.SOLVE, track).encode())
+
+    segment_, link_, solve_ = Stage.SEGMENT, Stage.LINK, Stage.SOLVE  # locals: the loop runs 10^5 times
     trials: list[Trial] = []
-    for number, combo in enumerate(itertools.product(*(grid[k] for k in keys))):
+    combos = zip(itertools.product(*values), itertools.product(*(range(len(v)) for v in values)), strict=True)
+    for number, (combo, idx) in enumerate(combos):
         params = dict(zip(keys, combo, strict=True))
-        raw_sections = {s: dict(base_raw.get(s, {})) for s in SWEEPABLE}
-        for key, value in params.items():
-            section, _, name = key.partition(".")
-            raw_sections[section][name] = value
-        where = f"{spec_path}: grid ({', '.join(f'{k}={v}' for k, v in params.items())}): "
-        sections = _validate_sections(raw_sections, where)
-        problem = batch_problem(sections, *batching)
-        if problem:
-            raise SpecError(f"{where}{problem}")
-        trials.append(Trial(number, params, sections, fingerprints(sections, data_identity)))
+        pk, kt = (pick_seg(idx), pick_link(idx)), pick_track(idx)
+        prefix, tr = prefixes.get(pk), tracks.get(kt)
+        if prefix is None or tr is None:
+            new_sections(params, *pk, kt)
+            prefix, tr = prefixes[pk], tracks[kt]
+        seg, link, fs, fl, solve_of = prefix
+        track, tj = tr
+        fps = {segment_: fs, link_: fl, solve_: solve_of(tj)}
+        trials.append(Trial(number, params, {"segmentation": seg, "linking": link, "tracking": track}, fps))
     assert math.prod(len(v) for v in grid.values()) == len(trials)
+    if len({t.fingerprints[solve_] for t in trials}) == len(trials):
+        return trials
     seen: dict[str, Trial] = {}
     for t in trials:
         if t.key in seen:
@@ -376,6 +425,60 @@ def _expand(grid: dict[str, list[Any]], base_raw: dict[str, Any], data_identity:
             raise SpecError(f"{spec_path}: grid: duplicate values ({diff}) give the same ultrack config")
         seen[t.key] = t
     return trials
+
+
+_Prefix = tuple[dict[str, Any], dict[str, Any], str, str, Callable[[bytes], str]]
+
+
+def _picker(positions: list[int]) -> Callable[[tuple[int, ...]], Any]:
+    """The value indices of one section's keys in a combination: a hashable cache key."""
+    if not positions:
+        return lambda idx: ()
+    return operator.itemgetter(*positions)
+
+
+def _valid_section(section: str, base_raw: dict[str, Any], params: dict[str, Any]) -> dict[str, Any] | None:
+    """One section of a trial as `_validate_sections` makes it (same models, same rules), or None
+    when it is refused. Validating the section's own model, not the whole MainConfig, divides the
+    cost of a new section by about three."""
+    from ultrack.config.config import MainConfig
+
+    raw = dict(base_raw.get(section, {}))
+    for key, value in params.items():
+        sec, _, name = key.partition(".")
+        if sec == section:
+            raw[name] = value
+    model = _section_models(MainConfig)[section]
+    try:
+        cfg = model.model_validate(raw)
+    except ValidationError:
+        return None
+    if section_problem({section: cfg.model_dump(by_alias=True)}):
+        return None
+    return cfg.model_dump(by_alias=True, mode="json")
+
+
+@functools.cache
+def _section_models(main: type[BaseModel]) -> dict[str, type[BaseModel]]:
+    """ultrack's model of each sweepable section, as MainConfig nests it."""
+    out = {f.alias: f.annotation for f in main.model_fields.values() if f.alias in SWEEPABLE}
+    assert all(isinstance(m, type) and issubclass(m, BaseModel) for m in out.values()), out
+    return out  # type: ignore[return-value]
+
+
+def _validate_trial(params: dict[str, Any], base_raw: dict[str, Any], spec_path: Path,
+                    batching: tuple[int, int]) -> dict[str, dict[str, Any]]:
+    """One trial's sections, validated by ultrack's models and ours, or the one line why not."""
+    raw_sections = {s: dict(base_raw.get(s, {})) for s in SWEEPABLE}
+    for key, value in params.items():
+        section, _, name = key.partition(".")
+        raw_sections[section][name] = value
+    where = f"{spec_path}: grid ({', '.join(f'{k}={v}' for k, v in params.items())}): "
+    sections = _validate_sections(raw_sections, where)
+    problem = batch_problem(sections, *batching)
+    if problem:
+        raise SpecError(f"{where}{problem}")
+    return sections
 
 
 def load(path: str | Path) -> Sweep:
@@ -387,7 +490,7 @@ def load(path: str | Path) -> Sweep:
     except ValidationError as e:
         raise SpecError(_pydantic_line(f"{spec_path}: ", e)) from None
     base = spec_path.resolve().parent
-    _check_grid(sf.grid, spec_path)
+    _check_grid(sf.grid, sf.max_trials, spec_path)
     _check_options(sf, spec_path)
     data_identity, shape = _resolve_data(sf, base, spec_path)
     base_raw = _load_base_config(sf.config, base, spec_path)
@@ -398,5 +501,6 @@ def load(path: str | Path) -> Sweep:
     base_sections = _validate_sections(base_raw, f"{spec_path}: config.")
     sweep = Sweep(spec_path, sf, base_sections, data_identity, [], shape, uses_full_identity(sf.workdir))
     batching = (shape[0], sweep.executor.frames_per_batch)
-    sweep.trials = _expand(sf.grid, base_raw, data_identity, spec_path, batching)
+    with gc_paused():
+        sweep.trials = _expand(sf.grid, base_raw, data_identity, spec_path, batching)
     return sweep

@@ -53,7 +53,8 @@ def _numbers(value: Any, key: str) -> Iterator[tuple[str, float]]:
 def section_problem(sections: Mapping[str, Mapping[str, Any]]) -> str | None:
     """`key: why` of the first value a stage cannot work with, or None.
 
-    `sections` is ultrack's validated config in Python mode (a JSON dump would turn NaN into null)."""
+    `sections` is ultrack's validated config in Python mode (a JSON dump would turn NaN into null);
+    every rule looks at one section, so any subset of the sections can be checked."""
     for section, values in sections.items():
         for name, value in values.items():
             for key, x in _numbers(value, f"{section}.{name}"):
@@ -61,7 +62,9 @@ def section_problem(sections: Mapping[str, Mapping[str, Any]]) -> str | None:
                     return f"{key}: must be a finite number, got {x} (ultrack would compute with it)"
     for key, (ok, why) in RULES.items():
         section, _, name = key.partition(".")
-        value = sections.get(section, {}).get(name)
+        if section not in sections:  # a single section checked on its own (spec._expand)
+            continue
+        value = sections[section].get(name)
         if not ok(value):
             return f"{key}: {value!r} {why}"
     tracking = sections.get("tracking", {})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -292,3 +293,26 @@ def test_existing_read_only_workdir_refuses_a_sweep_but_not_a_view(
     assert list((mnt / "bad").iterdir()) == []
     r = CliRunner().invoke(main, ["plan", str(spec)])
     assert r.exit_code == 0, (r.output, r.exception)
+
+
+def test_trial_cap_is_a_setting(tmp_path: Path, movie: dict[str, Path]) -> None:
+    """Over the cap: one line naming the setting to raise; raised, the same grid plans."""
+    grid = "grid:\n  linking.max_distance: [" + ", ".join(str(5 + i) for i in range(12)) + "]\n" + "".join(
+        f"  tracking.{k}: [{', '.join(str(-i / 10) for i in range(1, 13))}]\n"
+        for k in ("appear_weight", "disappear_weight", "division_weight"))
+    spec = write_spec(tmp_path, movie, name="bad", grid=grid)  # 12^4 = 20,736 trials
+    r = CliRunner().invoke(main, ["plan", str(spec)])
+    assert r.exit_code == 2, r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "20,736" in lines[0] and "exceeds max_trials (10,000)" in lines[0], lines
+    assert "raise max_trials in the sweep file" in lines[0]
+    spec.write_text(spec.read_text() + "max_trials: 25000\n")
+    r = CliRunner().invoke(main, ["plan", "--json", str(spec)])
+    assert r.exit_code == 0, (r.output, r.exception)
+    assert len(json.loads(r.stdout)["trials"]) == 20_736
+    r = CliRunner().invoke(main, ["plan", str(spec)])  # on screen: a summary, not 20,736 rows
+    assert r.exit_code == 0 and len(r.stdout.splitlines()) < 60, r.output
+    assert "20,706 more trials" in r.stdout and "naive 62208" in r.stdout, r.stdout
+    spec.write_text(spec.read_text().replace("max_trials: 25000", "max_trials: 0"))
+    r = CliRunner().invoke(main, ["plan", str(spec)])
+    assert r.exit_code == 2 and "max_trials" in r.stderr, r.output

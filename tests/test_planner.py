@@ -121,3 +121,35 @@ def test_fingerprints_stable_across_processes() -> None:
     assert len(outs) == 1
     here = {k.label: v for k, v in fingerprints(sections, "d").items()}
     assert json.loads(outs.pop()) == here
+
+
+# Computed by the code before grid expansion was optimised (issue 10): existing workdirs rely on them.
+PINNED_KEYS = ["9748fdb5b586", "2a9df326cd36", "355ced2a8e7c", "f025e3449512", "303c0762b23c",
+               "b713eef6fa4d", "bc1b82c888be", "17a63676c929", "ad7f0abb4338", "ced1ac092d6b",
+               "eebe71f85dad", "5b2453c7cb11", "62b3f0d06279", "3361fd037e00", "cdd4202dbd0f",
+               "9b1e36867834"]
+PINNED_LAST = {
+    Stage.SEGMENT: "8e586f38ec5105f862676a2403e3e466e02fb8fffde6dd6a25cb5646758a5b7b",
+    Stage.LINK: "efa487deb7cf3f6e39ebb0a02f2c9eec96bed9e1433766a611e28a70e9be2e14",
+    Stage.SOLVE: "9b1e36867834b50060fd8e30481751c58e99c2e66125acdfd17c27699bb33a8f",
+}
+
+
+def test_fingerprints_are_pinned() -> None:
+    """Fingerprints name what each workdir's databases hold: a change re-runs every old sweep."""
+    from pathlib import Path
+
+    from gridsearch.spec import _expand
+
+    grid = {"segmentation.min_area": [30, 60], "linking.max_distance": [6, 15.0],
+            "tracking.appear_weight": [-0.1, -0.5], "tracking.window_size": [None, 4]}
+    base = {"segmentation": {"max_area": 1000}, "tracking": {"solver_name": "CBC", "overlap_size": 1}}
+    trials = _expand(grid, base, "data-identity", Path("pin.yaml"), (10, 1))
+    assert [t.key for t in trials] == PINNED_KEYS
+    assert [t.number for t in trials] == list(range(16))
+    assert trials[-1].fingerprints == PINNED_LAST
+    assert trials[-1].params == {k: v[-1] for k, v in grid.items()}
+    assert trials[-1].sections["tracking"]["window_size"] == 4
+    sections = {"segmentation": {"min_area": 30}, "linking": {"max_distance": 6.0}, "tracking": {}}
+    assert fingerprints(sections, "d")[Stage.SOLVE] == (
+        "63120b8a66a8c0460aeda92471c1ab6b32c0ef63f4cb2ce2ec644a8e0625eded")

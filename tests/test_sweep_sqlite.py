@@ -182,3 +182,56 @@ def test_two_restarts_within_one_second_archive_apart(tmp_path: Path) -> None:
         time.sleep(0.002)
     assert made[0] != made[1] and made[0] is not None and made[1] is not None
     assert [(d / "state.db").read_text() for d in made] == ["ledger 0", "ledger 1"]
+
+
+def _records_via_optuna(led) -> dict:  # type: ignore[no-untyped-def,type-arg]
+    """The read path before issue 10: every trial through optuna's get_trials."""
+    led._records = {}
+    for ft in led.study.get_trials(deepcopy=False):
+        led._remember(ft)
+    out, led._records = led._records, None
+    return out
+
+
+def test_results_read_from_the_tables_equal_optunas_read(reference: tuple[Path, pd.DataFrame]) -> None:
+    """The fast read (one query per table) gives the same records and the same table."""
+    from gridsearch import results
+    from gridsearch.engine import existing_ledger
+    from gridsearch.spec import load
+
+    spec, _ = reference
+    sw = load(spec)
+    with existing_ledger(sw) as led:
+        assert led is not None
+        fast = results.table(sw, led)
+        assert led.records() == _records_via_optuna(led)
+        led._records = _records_via_optuna(led)
+        slow = results.table(sw, led)
+    pd.testing.assert_frame_equal(fast, slow)
+    assert (fast["state"] == "done").sum() == 12
+
+
+def test_records_of_failed_running_and_unscored_trials(tmp_path: Path) -> None:
+    """States and values the example sweep never produces: FAIL, RUNNING, a NaN objective (-inf)."""
+    from gridsearch.ledger import Ledger
+    from gridsearch.spec import Trial
+    from gridsearch.stages import Stage, fingerprints
+
+    grid = {"tracking.appear_weight": [-0.1, -0.2, -0.3, -0.4]}
+    led = Ledger(f"sqlite:///{tmp_path / 'state.db'}", "t")
+    try:
+        trials = []
+        for n, v in enumerate(grid["tracking.appear_weight"]):
+            sections = {"segmentation": {}, "linking": {}, "tracking": {"appear_weight": v}}
+            trials.append(Trial(n, {"tracking.appear_weight": v}, sections, fingerprints(sections, "d")))
+        numbers = [led.start_trial(t, Stage.SEGMENT, grid) for t in trials]
+        led.finish_trial(numbers[0], 0.5, {"figures": {"tracks": 3}, "solver": "CBC"})
+        led.finish_trial(numbers[1], float("nan"), {"figures": {}})
+        led.fail_trial(numbers[2], "boom")
+        led._records = None
+        fast = led.records()
+        assert fast == _records_via_optuna(led)
+        assert [fast[t.key].state for t in trials] == ["COMPLETE", "COMPLETE", "FAIL", "RUNNING"]
+        assert fast[trials[1].key].value == float("-inf") and fast[trials[2].key].value is None
+    finally:
+        led.close()
