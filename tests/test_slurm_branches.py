@@ -21,7 +21,8 @@ from gridsearch.spec import load
 
 pytestmark = [pytest.mark.slurm, cluster]
 
-GRID = "grid:\n  linking.max_distance: [6.0, 15.0]\n  tracking.appear_weight: [-0.1, -0.5]\n"
+# two segment configs (the second starts on a new, empty database), two solves under each (a fork)
+GRID = "grid:\n  segmentation.min_area: [30, 60]\n  tracking.appear_weight: [-0.1, -0.5]\n"
 WIDE = SLURM.replace("max_parallel: 2", "max_parallel: 8") + "parallel: 3\n"
 
 
@@ -62,9 +63,9 @@ def test_branches_share_one_poll_and_match_the_serial_sweep(
     finally:
         _stop_server(spec)
     pd.testing.assert_frame_equal(comparable(df), comparable(want))
-    # one segment run, two link runs on two databases, four solves: each result once
+    # two segment runs (one on a new database), two link runs, four solves: each result once
     done = runs[runs.state == "done"]
-    assert done.groupby("stage").size().to_dict() == {"segment": 1, "link": 2, "solve": 4}
+    assert done.groupby("stage").size().to_dict() == {"segment": 2, "link": 2, "solve": 4}
     assert runs.database.nunique() >= 2
     # several branches' arrays were polled together, and never with more than one squeue per poll
     busy = [p for p in polls if p["arrays"] >= 2]

@@ -72,7 +72,7 @@ class PostgresBackend(Backend):
     def ultrack_db(self, name: str) -> UltrackDB:
         assert self.creds is not None and self.sweep is not None
         dbname = db_name(self.sweep, name) if self.create_databases else self.state_db
-        if self.create_databases and isinstance(self.server, ManagedServer):
+        if self.create_databases and self.server is not None:  # ours: here, or a SLURM server job
             self.server.create_database(dbname)
         address = ultrack_address(self.creds, dbname, self.schema)
         return UltrackDB(name, self.ws.db_dir(name), "postgresql", address)
