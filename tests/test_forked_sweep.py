@@ -111,3 +111,29 @@ def test_a_driver_killed_while_branches_run_resumes_on_each_fork(
             again = runs[(runs.id > before.id.max()) & (runs.stage == row.stage)
                          & (runs.fingerprint == row.fingerprint) & (runs.state == "done")]
             assert again.empty, f"{row.stage} {row.fingerprint[:8]} held on {row.database}, computed again"
+
+
+def test_without_room_for_a_fork_the_branches_run_one_after_another(
+    tmp_path: Path, movie: dict[str, Path], sqlite_reference: tuple[Path, pd.DataFrame],
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Free space too small for a copy: one notice, no fork, the same table (new databases for
+    segment configs need no copy and still start)."""
+    from gridsearch.backends.base import Backend
+
+    monkeypatch.setattr(Backend, "fork_room",
+                        lambda self, src, wanted: (0, "workdir: 1 MB free, 40 MB needed"))
+    _, ref = sqlite_reference
+    spec = write_spec(tmp_path, movie, name="noroom", extra="parallel: 3\n")
+    notes: list[str] = []
+
+    class Notes:
+        def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+            return notes.append if name == "message" else (lambda *a, **k: None)
+
+    out = run_sweep(load(spec), reporter=Notes())  # type: ignore[arg-type]
+    assert (out.completed, out.failed) == (12, 0)
+    assert [n for n in notes if "not forking" in n and "1 MB free" in n], notes
+    runs = _check(spec, ref)
+    # main and one new database for the second segment config: nothing was copied
+    assert runs.database.nunique() == 2, runs.database.value_counts()
