@@ -165,7 +165,7 @@ def open_server_job(sweep: Sweep, ws: Workspace,
         host, port = wait_ready(ws, job_id, notify)
         creds = Credentials(host, port, DEFAULT_ROLE, password)
         # The role owns the sweep's databases: --restart renames the ledger's over TCP as it.
-        admin = ExternalServer(host, port, DEFAULT_ROLE)
+        admin = ExternalServer(host, port, DEFAULT_ROLE, password=password)
         with connected(sweep, ws, creds, admin, db_name(sweep, "state")) as backend:
             backend.stable_password = reused
             yield backend

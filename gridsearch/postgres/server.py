@@ -211,11 +211,13 @@ class PostgresServer(ABC):
 class ExternalServer(PostgresServer):
     """A server someone else runs (e.g. the lab's); password from ULTRACK_DB_PW or ~/.pgpass."""
 
-    def __init__(self, host: str, port: int, user: str, dbname: str = "postgres") -> None:
+    def __init__(self, host: str, port: int, user: str, dbname: str = "postgres",
+                 password: str | None = None) -> None:
         self._host = host
         self._port = int(port)
         self.user = user
         self.dbname = dbname
+        self._password = password  # known to the caller (a server job's random one), else env/pgpass
 
     @property
     def host(self) -> str:
@@ -227,7 +229,8 @@ class ExternalServer(PostgresServer):
 
     def credentials(self) -> Credentials:
         """None as password lets libpq fall back to PGPASSFILE/.pgpass."""
-        return Credentials(self._host, self._port, self.user, os.environ.get(PASSWORD_ENV))
+        return Credentials(self._host, self._port, self.user,
+                           self._password or os.environ.get(PASSWORD_ENV))
 
     def _admin(self, dbname: str | None = None) -> psycopg.Connection:
         return connect(self.credentials(), dbname or self.dbname)
