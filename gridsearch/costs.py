@@ -47,6 +47,16 @@ class Workload:
     frames_per_batch: int
     parallelism: int  # batches running at once
     startup_per_task: bool  # SLURM: every task starts a process; a local pool pays once per worker
+    auto_tasks: bool = False  # SLURM without an explicit frames_per_batch: batches per task chosen
+
+
+def batches_per_task(stage: Stage, cost: StageCost | None, work: Workload, batches: int) -> int:
+    """How many one-frame batches a task of a phase of `batches` should run in turn (the rule of
+    frames_per_task); 1 for solve windows (each is long), an explicit frames_per_batch, or a stage
+    not measured yet."""
+    if not work.auto_tasks or stage == Stage.SOLVE or cost is None or batches < 2:
+        return 1
+    return frames_per_task(cost.per_frame_s, cost.startup_s, batches, work.parallelism, None)
 
 
 @dataclass(frozen=True)
@@ -94,7 +104,8 @@ def workload(sweep: Sweep) -> Workload:
         parallel, per_task = ex.max_parallel, True
     else:
         parallel, per_task = min(ex.workers, os.cpu_count() or 1), False
-    return Workload(sweep.shape[0], ex.frames_per_batch, max(1, parallel), per_task)
+    return Workload(sweep.shape[0], ex.frames_per_batch or 1, max(1, parallel), per_task,
+                    auto_tasks=per_task and ex.frames_per_batch is None)
 
 
 def stage_frames(stage: Stage, n_frames: int) -> int:
@@ -113,8 +124,10 @@ def stage_run(stage: Stage, cost: StageCost, work: Workload, window: int | None)
     for phase in stage_phases(stage, work.n_frames, work.frames_per_batch, window):
         if not phase:
             continue
-        wall += math.ceil(len(phase) / work.parallelism) * (startup + per_batch * cost.per_frame_s)
-        cpu += len(phase) * (startup + per_batch * cost.cpu_per_frame_s)
+        m = batches_per_task(stage, cost, work, len(phase))
+        tasks = math.ceil(len(phase) / m)
+        wall += math.ceil(tasks / work.parallelism) * (startup + m * per_batch * cost.per_frame_s)
+        cpu += tasks * startup + len(phase) * per_batch * cost.cpu_per_frame_s
     return wall, cpu
 
 

@@ -159,14 +159,15 @@ def run_sweep(sweep: Sweep, *, restart: bool = False, reporter: Reporter | None 
 def _driver(sweep: Sweep, ws: Workspace, ledger: Ledger, backend: Backend, executor: Executor,
             rep: Reporter) -> _Driver:
     """`parallel: 1`, or an executor that runs one unit at a time: the serial path."""
-    k = sweep.file.parallel
-    if k > 1 and not executor.concurrent:
+    k, asked = sweep.parallel, sweep.file.parallel is not None  # the default goes quietly
+    if k > 1 and not executor.concurrent and asked:
         rep.message(f"parallel: {k} is not available with executor {sweep.executor.kind} yet: "
                     "branches run one after another")
     if k > 1 and executor.concurrent:
         if not backend.can_fork:
-            rep.message(f"parallel: {k}: this database cannot be forked (one schema on a server "
-                        "someone else runs): branches run one after another")
+            if asked:
+                rep.message(f"parallel: {k}: this database cannot be forked (one schema on a server "
+                            "someone else runs): branches run one after another")
         else:
             return _BranchDriver(sweep, ws, ledger, backend, executor, rep, k)
     return _Driver(sweep, ws, ledger, backend.ultrack_db(MAIN_DB), executor, rep)

@@ -16,7 +16,7 @@ import sqlalchemy as sa
 
 from gridsearch.core.errors import BadInput
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 VERSION_KEY = "schema_version"
 
 metadata = sa.MetaData()
@@ -92,6 +92,7 @@ slurm_job_t = sa.Table(
     sa.Column("run_id", sa.Integer),  # the stage run whose batches it acknowledges
     # what a task index means (batch b covers frames [b*n, (b+1)*n)): re-attach needs the same n
     sa.Column("frames_per_batch", sa.Integer),
+    sa.Column("per_task", sa.Integer),  # batches one task runs in turn (None: 1, before v4)
 )
 
 
@@ -162,5 +163,13 @@ def _migrate_2_to_3(conn: sa.Connection) -> None:
         conn.execute(sa.text("ALTER TABLE gs_batch ADD COLUMN paid_startup BOOLEAN"))
 
 
+def _migrate_3_to_4(conn: sa.Connection) -> None:
+    """Arrays before v4 run one batch per task: NULL reads as 1, so they still re-attach."""
+    insp = sa.inspect(conn)
+    if insp.has_table(slurm_job_t.name) and "per_task" not in {
+            c["name"] for c in insp.get_columns(slurm_job_t.name)}:
+        conn.execute(sa.text("ALTER TABLE gs_slurm_job ADD COLUMN per_task INTEGER"))
+
+
 # _MIGRATIONS[v] upgrades version v to v + 1, in one transaction with the version row
-_MIGRATIONS = [_migrate_0_to_1, _migrate_1_to_2, _migrate_2_to_3]
+_MIGRATIONS = [_migrate_0_to_1, _migrate_1_to_2, _migrate_2_to_3, _migrate_3_to_4]

@@ -44,6 +44,7 @@ from gridsearch.validate import (
 )
 
 MAX_TRIALS = 10_000  # default of the sweep file's max_trials
+DEFAULT_SLURM_PARALLEL = 4  # databases alive at once on SLURM, unless the sweep file says
 # What a trial can be ranked by (all maximised): CTC metrics need ground truth.
 CTC_METRICS = ("TRA", "DET", "LNK", "CHOTA", "SEG")
 SUMMARY_FIGURES = ("selected_nodes", "tracks", "divisions", "mean_track_length")
@@ -92,7 +93,9 @@ class StageResources(_Strict):
 class ExecutorSpec(_Strict):
     kind: Literal["local", "slurm"] = "local"
     workers: int = Field(1, ge=1, le=256)
-    frames_per_batch: int = Field(1, ge=1)
+    # ultrack's n_workers: frames per batch (a pool of that many processes per batch). None: 1, and
+    # on SLURM each task runs as many one-frame batches in turn as the measured costs call for
+    frames_per_batch: int | None = Field(None, ge=1)
     # SLURM only
     partition: str | None = None
     account: str | None = None
@@ -118,7 +121,8 @@ class SweepFile(_Strict):
     objective: str | None = None
     keep_label_images: bool = True
     max_trials: int = Field(MAX_TRIALS, ge=1)  # a guard against a typo'd grid, not a hard limit
-    parallel: int = Field(1, ge=1, le=64)  # databases alive at once: branches of the grid run together
+    # databases alive at once: branches of the grid run together (None: Sweep.parallel chooses)
+    parallel: int | None = Field(None, ge=1, le=64)
 
     @field_validator("database", mode="after")
     @classmethod
@@ -181,6 +185,18 @@ class Sweep:
     def executor(self) -> ExecutorSpec:
         assert isinstance(self.file.executor, ExecutorSpec)
         return self.file.executor
+
+    @property
+    def parallel(self) -> int:
+        """Databases alive at once: as set, else chosen from the executor. SLURM: 4, where the
+        database can be forked (a managed server): the cluster runs the branches' arrays side by
+        side and a fork costs a CREATE DATABASE. Local: 1: the branches would share this
+        machine's cores, which one branch's batches already use."""
+        if self.file.parallel is not None:
+            return self.file.parallel
+        db = self.database
+        return DEFAULT_SLURM_PARALLEL if self.executor.kind == "slurm" and db.kind == "postgresql" and \
+            db.managed else 1
 
     @property
     def base_fingerprint(self) -> str:
@@ -500,7 +516,7 @@ def load(path: str | Path) -> Sweep:
     base_raw.pop("data", None)  # gridsearch owns [data]: where each database lives
     base_sections = _validate_sections(base_raw, f"{spec_path}: config.")
     sweep = Sweep(spec_path, sf, base_sections, data_identity, [], shape, uses_full_identity(sf.workdir))
-    batching = (shape[0], sweep.executor.frames_per_batch)
+    batching = (shape[0], sweep.executor.frames_per_batch or 1)
     with gc_paused():
         sweep.trials = _expand(sf.grid, base_raw, data_identity, spec_path, batching)
     return sweep

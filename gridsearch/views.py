@@ -49,7 +49,7 @@ def estimate(sweep: Sweep, led: Ledger | None, plan: Plan) -> costs.Estimate | N
     if led is None:
         return None
     return costs.branch_estimate(plan, costs.stage_costs(led.measured_batches()), costs.workload(sweep),
-                                 sweep.file.parallel)
+                                 sweep.parallel)
 
 
 def estimate_doc(est: costs.Estimate | None) -> dict[str, Any] | None:
@@ -132,7 +132,7 @@ def branches(sweep: Sweep, led: Ledger | None, plan: Plan, nodes: int | None = N
     (SLURM's max_parallel still caps the tasks at once)."""
     from gridsearch.branches import DEFAULT_COST, simulate
 
-    k = sweep.file.parallel
+    k = sweep.parallel
     order = [pt.trial for pt in plan.pending]
     doc: dict[str, Any] = {"parallel": k, "forks": 0, "runs_at_once": 1 if order else 0, "makespan_s": None}
     if not order:

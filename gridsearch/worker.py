@@ -199,12 +199,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ct")
     ap.add_argument("--ledger")
     ap.add_argument("--run", type=int)
+    ap.add_argument("--count", type=int, default=1, help="run this many batches in turn from --batch on")
+    ap.add_argument("--last", type=int, help="with --count: no batch after this one")
     a = ap.parse_args(argv)
     if a.serve:
         return serve(a.parent)
-    batch = a.batch if a.batch is not None else int(os.environ["SLURM_ARRAY_TASK_ID"])
+    first = a.batch if a.batch is not None else int(os.environ["SLURM_ARRAY_TASK_ID"])
+    last = first + max(1, a.count) - 1
+    if a.last is not None:
+        last = min(last, a.last)
     get_ready(own_process=True)
-    run_and_acknowledge(BatchTask(a.stage, str(a.config), a.fg, a.ct, a.ledger, a.run, batch))
+    for batch in range(first, last + 1):  # a failure stops the task: the rest stay unacknowledged
+        run_and_acknowledge(BatchTask(a.stage, str(a.config), a.fg, a.ct, a.ledger, a.run, batch))
     return 0
 
 

@@ -61,6 +61,19 @@ def write_spec(
     return path
 
 
+def serial_table(directory: Path, movie: dict[str, Path], name: str, grid: str):  # type: ignore[no-untyped-def]
+    """The results table of the plain serial SQLite sweep of `grid`: what every other way of
+    running it must reproduce."""
+    from gridsearch import results
+    from gridsearch.engine import existing_ledger, run_sweep
+    from gridsearch.spec import load
+
+    spec = write_spec(directory, movie, name=name, grid=grid)
+    run_sweep(load(spec))
+    with existing_ledger(load(spec)) as led:
+        return results.table(load(spec), led)
+
+
 TIME_COLUMNS = ["segment_s", "link_s", "solve_s", "started", "finished", "optuna_trial", "config",
                 "tracks_csv"]
 

@@ -16,6 +16,7 @@ from gridsearch.costs import (
     Estimate,
     StageCost,
     Workload,
+    batches_per_task,
     duration,
     estimate,
     frames_per_task,
@@ -123,6 +124,24 @@ def test_estimate_sums_the_pending_stage_runs() -> None:
     assert slurm is not None and slurm.wall_s == 2 * 12 + 2 * 6 + 4 * 15
     assert est is not None
     assert est.line() == "estimated remaining: 1 min wall, 0.0 core-hours (from 9 measured batches)"
+
+
+def test_right_sized_tasks_pay_the_start_up_once_per_task() -> None:
+    """SLURM without an explicit frames_per_batch: a phase's batches share tasks (start-up 5 s
+    against 1 s a frame calls for 45 frames a task; 2 slots cap it at half a phase)."""
+    plan = make_plan(_trials(1, 1), {}, set())
+    auto = Workload(10, 1, 2, True, auto_tasks=True)
+    assert batches_per_task(Stage.SEGMENT, FLAT[Stage.SEGMENT], auto, 9) == 4
+    assert batches_per_task(Stage.SOLVE, FLAT[Stage.SOLVE], auto, 9) == 1  # windows stay whole tasks
+    assert batches_per_task(Stage.LINK, None, auto, 9) == 1  # not measured yet
+    assert batches_per_task(Stage.LINK, FLAT[Stage.LINK], Workload(10, 1, 2, True), 9) == 1  # explicit
+    est, one = estimate(plan, FLAT, auto), estimate(plan, FLAT, Workload(10, 1, 2, True))
+    # segment: batch 0 (6 s), then 9 batches in 3 tasks of 4, 4, 1 on 2 slots: 2 waves of 5 + 4 s;
+    # link 9 batches: the same; solve one window (15 s). One batch a task: 5 waves of 6 s each
+    assert est is not None and one is not None
+    assert est.wall_s == 6 + 2 * 9 + 2 * 9 + 15
+    assert one.wall_s == 6 + 5 * 6 + 5 * 6 + 15
+    assert est.core_hours < one.core_hours  # fewer start-ups
 
 
 def test_estimate_is_unknown_while_a_needed_stage_is_unmeasured_and_zero_when_all_is_done() -> None:

@@ -137,3 +137,15 @@ def test_without_room_for_a_fork_the_branches_run_one_after_another(
     runs = _check(spec, ref)
     # main and one new database for the second segment config: nothing was copied
     assert runs.database.nunique() == 2, runs.database.value_counts()
+
+
+@pytest.mark.parametrize(("extra", "want"), [
+    ("", 1),  # local: the branches would share the cores one branch's batches already use
+    ("database: {kind: postgresql, managed: true}\nexecutor: {kind: slurm}\n", 4),
+    ("database: {kind: postgresql, host: h, user: u}\nexecutor: {kind: slurm}\n", 1),  # no forks there
+    ("database: {kind: postgresql, managed: true}\nexecutor: {kind: slurm}\nparallel: 2\n", 2),
+    ("parallel: 3\n", 3),
+])
+def test_parallel_default_is_chosen_from_the_executor(tmp_path: Path, movie: dict[str, Path],
+                                                      extra: str, want: int) -> None:
+    assert load(write_spec(tmp_path, movie, name="dflt", extra=extra)).parallel == want

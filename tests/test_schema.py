@@ -69,7 +69,7 @@ def test_v0_workdir_is_migrated_keeping_what_it_trusted(tmp_path: Path) -> None:
             slurm_cols = {col["name"] for col in sa.inspect(c).get_columns("gs_slurm_job")}
         assert "batches_done" not in cols
         assert tuple(job) == ("closed", None)  # v0 arrays know no run: never re-attached
-        assert {"run_id", "frames_per_batch"} <= slurm_cols
+        assert {"run_id", "frames_per_batch", "per_task"} <= slurm_cols
     finally:
         led.close()
     assert _version(db) == str(SCHEMA_VERSION)
@@ -156,7 +156,7 @@ def test_v2_workdir_is_migrated_and_its_acks_still_count(tmp_path: Path) -> None
         Ledger(url, "s", read_only=True)
     led = Ledger(url, "s")
     try:
-        assert _version(db) == str(SCHEMA_VERSION) == "3"
+        assert _version(db) == str(SCHEMA_VERSION) == "4"
         cost = BatchCost(2.0, 3.0, 200.0, frames=4, startup_s=5.0, paid_startup=True)
         acknowledge(led.engine, run, 1, cost)
         assert led.acked([run]) == {run: {0, 1}}

@@ -45,6 +45,7 @@ cluster = pytest.mark.skipif(_cluster_reason() is not None, reason=_cluster_reas
 SLURM = """
 database: {kind: postgresql, managed: true}
 executor: {kind: slurm, max_parallel: 2, poll_seconds: 1}
+parallel: 1
 """
 GRID = "grid:\n  linking.max_distance: [15.0]\n  tracking.appear_weight: [-0.1, -0.5]\n"
 ONE = "grid:\n  tracking.appear_weight: [-0.5]\n"

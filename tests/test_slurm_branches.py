@@ -10,10 +10,9 @@ from typing import Any
 
 import pandas as pd
 import pytest
-from helpers import comparable, write_spec
+from helpers import comparable, serial_table, write_spec
 from test_slurm import SLURM, _ledger, _live, _stop_server, cluster, short_movie  # noqa: F401
 
-from gridsearch import results
 from gridsearch.core.waiting import wait_until
 from gridsearch.engine import existing_ledger, run_sweep
 from gridsearch.slurm import gateway
@@ -23,16 +22,13 @@ pytestmark = [pytest.mark.slurm, cluster]
 
 # two segment configs (the second starts on a new, empty database), two solves under each (a fork)
 GRID = "grid:\n  segmentation.min_area: [30, 60]\n  tracking.appear_weight: [-0.1, -0.5]\n"
-WIDE = SLURM.replace("max_parallel: 2", "max_parallel: 8") + "parallel: 3\n"
+WIDE = SLURM.replace("max_parallel: 2", "max_parallel: 8").replace("parallel: 1\n", "parallel: 3\n")
 
 
 def test_branches_share_one_poll_and_match_the_serial_sweep(
     open_tmp: Path, short_movie: dict[str, Path], monkeypatch: pytest.MonkeyPatch  # noqa: F811
 ) -> None:
-    plain = write_spec(open_tmp / "plain", short_movie, name="slbref", grid=GRID)
-    run_sweep(load(plain))
-    with existing_ledger(load(plain)) as led:
-        want = results.table(load(plain), led)
+    want = serial_table(open_tmp / "plain", short_movie, "slbref", GRID)
 
     # every scheduler call, and for each poll: the calls it made and the arrays it asked about
     calls: list[str] = []

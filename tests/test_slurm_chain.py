@@ -233,3 +233,28 @@ def test_a_task_that_hit_its_time_limit_names_the_setting_to_raise() -> None:
     why = GiveUp(Stage.LINK, 1, TaskState("TIMEOUT", "TimeLimit"), 1, None).why
     assert why.startswith("TIMEOUT") and "executor.stages.link.time" in why
     assert "executor.stages" not in GiveUp(Stage.LINK, 1, FAILED, 1, None).why
+
+
+def test_a_task_of_several_batches_is_judged_batch_by_batch() -> None:
+    """Right-sized tasks: task i runs batches 2i, 2i+1 in turn. One killed after its first batch
+    leaves that batch done (acknowledged) and only the second resubmitted, one batch per task."""
+    chain = Chain.build([(Stage.LINK, LINK, [[0, 1, 2, 3, 4]])])
+    d = chain.decide({}, {})
+    assert d.submit == [Submission(0, [0, 1, 2, 3, 4], 0)]
+    chain.record(0, Array("70", [0, 1, 2], 0, 0, 1, per_task=2, last=4))
+    assert [chain.steps[0].task_of(b)[1] for b in range(5)] == [0, 0, 1, 1, 2]
+    assert chain.steps[0].task_of(5) is None  # past the step's last batch
+    d = chain.decide(tasks("70", i0=DONE, i1=FAILED, i2=RUNNING), {LINK: {0, 1, 2}})
+    assert d.waits and [r.value for r in d.reports if r.event is Event.BATCH_DONE] == [0, 1, 2]
+    d = chain.decide(tasks("70", i0=DONE, i1=FAILED, i2=DONE), {LINK: {0, 1, 2, 4}})
+    assert d.submit == [Submission(0, [3], 1)] and d.give_up is None
+
+
+def test_reattach_keeps_what_a_task_index_meant() -> None:
+    rows = [JobRow(1, "k", "link", 0, "52", "0-1", 0, 0, "active", 0.0, LINK, 1, per_task=2)]
+    chain = Chain.build([(Stage.LINK, LINK, [[0, 1, 2]])])
+    assert chain.adopt(rows) == []
+    d = chain.decide(tasks("52", i0=GONE, i1=RUNNING), {LINK: {0, 1}})
+    assert d.waits  # batch 2 is task 1's, still running: nothing resubmitted
+    d = chain.decide(tasks("52", i0=GONE, i1=GONE), {LINK: {0, 1}})
+    assert d.submit == [Submission(0, [2], 1)]

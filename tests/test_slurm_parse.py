@@ -82,3 +82,5 @@ def test_array_syntax_split_and_script_have_no_secret(tmp_path: Path) -> None:
     assert "--time=01:00:00" in argv and f"--output={tmp_path}/link-%A_%a.log" in argv
     assert "module load x" in body and "$((SLURM_ARRAY_TASK_ID + 1001))" in body
     assert "s3cret" not in " ".join(argv) + body
+    many = script(ArrayRequest("gs-x-link", "link", [0, 1], 3, [], tmp_path, per_task=4, last=9), [])
+    assert "--batch $((SLURM_ARRAY_TASK_ID * 4 + 3)) --count 4 --last 9" in many

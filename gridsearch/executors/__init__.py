@@ -18,7 +18,7 @@ def create(ctx: ExecutorContext) -> Executor:
         from gridsearch.executors.slurm import SlurmExecutor
 
         return SlurmExecutor(ctx)
-    k = ctx.sweep.file.parallel
+    k = ctx.sweep.parallel
     if ex.workers == 1 and k == 1 and not ctx.backend.parallel_writers:
         from gridsearch.executors.inprocess import InProcessExecutor
 

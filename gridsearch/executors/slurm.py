@@ -8,9 +8,11 @@ sbatch returns: a killed driver loses nothing, and the next one re-attaches."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from gridsearch import costs
 from gridsearch.core.files import tail
 from gridsearch.core.secrets import write_pgpass
 from gridsearch.executors.base import (
@@ -50,6 +52,9 @@ class SlurmExecutor(Executor):
         self.submissions = 0  # sbatch calls of this driver
         self.flights: list[_Flight] = []  # chains in flight, one per unit, watched by one poller
         self.strays_checked = False
+        self._measured: dict[Stage, costs.StageCost] = {}  # stage costs, once known
+        self._told: set[Stage] = set()
+        self._cpus: int | None = 0  # the cluster's CPUs (0: not asked yet, None: unknown)
         self.job_env = self._passfile(ctx.backend.env)
         if ctx.ws.cancel_request.exists():  # `gridsearch cancel` while no driver watched
             self.store.mark_all_cancelled()
@@ -57,7 +62,7 @@ class SlurmExecutor(Executor):
 
     @property
     def frames_per_batch(self) -> int:
-        return self.spec.frames_per_batch
+        return self.spec.frames_per_batch or 1
 
     def _passfile(self, env: dict[str, str]) -> dict[str, str]:
         """Tasks get the password through a pgpass file, never the environment slurmctld saves."""
@@ -184,19 +189,54 @@ class SlurmExecutor(Executor):
             self._submit(key, chain, submission, jobs[chain.steps[submission.step].stage])
 
     def _submit(self, key: str, chain: Chain, submission: Submission, job: StageJob) -> None:
-        """sbatch the batches (split at MaxArraySize), each array recorded the moment it exists."""
+        """sbatch the batches (split at MaxArraySize), each array recorded the moment it exists.
+        A whole step's first submission may run several batches per task (right-sized tasks)."""
         step = chain.steps[submission.step]
         after = chain.after(submission.step)
         worker_args = self.task(job, None).argv()
-        for offset, indices in split(submission.batches, gateway.max_array_size()):
+        batches = submission.batches
+        m = self._per_task(step.stage, batches) if batches == step.batches else 1
+        # m == 1: array index = batch - offset; else task t runs batches base + t*m on
+        units, base = (batches, 0) if m == 1 else (list(range(-(-len(batches) // m))), batches[0])
+        last = batches[-1] if m > 1 else None
+        for off, indices in split(units, gateway.max_array_size()):
+            offset = base + off * m
             request = gateway.ArrayRequest(
                 job_name(self.ctx.sweep, step.stage.label), step.stage.label, indices, offset, worker_args,
-                self.paths.logs, self.paths.scripts, after)
+                self.paths.logs, self.paths.scripts, after, per_task=m, last=last)
             job_id = gateway.submit_array(request, self.spec, self.job_env, self.ctx.notify)
             self.submissions += 1
             row_id = self.store.add(key, step.stage.label, step.phase, job_id, compact(indices), offset,
-                                    submission.attempt, job.run_id, self.frames_per_batch)
-            chain.record(submission.step, Array(job_id, indices, offset, submission.attempt, row_id))
+                                    submission.attempt, job.run_id, self.frames_per_batch, per_task=m)
+            chain.record(submission.step, Array(job_id, indices, offset, submission.attempt, row_id, m, last))
+
+    def _per_task(self, stage: Stage, batches: list[int]) -> int:
+        """Batches per task for a whole phase (costs.frames_per_task's rule): once the stage is
+        measured, enough that ultrack's start-up stays under a tenth of a task, while the tasks
+        still fill the CPUs this branch may use. Batches must be consecutive (one range per task)."""
+        if len(batches) < 2 or batches[-1] - batches[0] != len(batches) - 1:
+            return 1
+        if stage not in self._measured:  # read until measured, then kept: one decision per driver
+            self._measured = costs.stage_costs(self.ctx.ledger.measured_batches())
+        work = dataclasses.replace(costs.workload(self.ctx.sweep), parallelism=self._parallelism(stage))
+        m = costs.batches_per_task(stage, self._measured.get(stage), work, len(batches))
+        if m > 1 and stage not in self._told:
+            self._told.add(stage)
+            c = self._measured[stage]
+            self.ctx.notify(f"{stage.label}: {m} frames per task (start-up {c.startup_s:.1f} s, "
+                            f"{c.per_frame_s:.1f} s per frame, {work.parallelism} task(s) at once)")
+        return m
+
+    def _parallelism(self, stage: Stage) -> int:
+        """Tasks that run at once for one branch: max_parallel, no more than the cluster's CPUs
+        allow, shared among the branches in flight."""
+        if self._cpus == 0:
+            self._cpus = gateway.cluster_cpus(self.spec.partition)
+        cpus = self._cpus
+        res = self.spec.stages.get(stage.label) or gateway.DEFAULT_RESOURCES[stage.label]  # type: ignore[call-overload]
+        slots = self.spec.max_parallel if cpus is None else min(self.spec.max_parallel,
+                                                                 max(1, cpus // max(1, res.cpus)))
+        return max(1, slots // max(1, len(self.flights)))
 
     def _failure(self, give_up: GiveUp) -> StageFailed:
         log = self.paths.task_log(give_up.stage.label, *give_up.task) if give_up.task else None

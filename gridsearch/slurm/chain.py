@@ -38,16 +38,22 @@ class Verdict(enum.Enum):
 
 @dataclass
 class Array:
-    """One submitted array: task index i runs batch i + offset."""
+    """One submitted array: task index i runs batches offset + i*per_task ... + per_task - 1 in
+    turn, none past `last` (the step's last batch), each acknowledged on its own."""
 
     job_id: str
     indices: list[int]
     offset: int
     attempt: int
     row_id: int = 0  # its gs_slurm_job row
+    per_task: int = 1
+    last: int | None = None
 
     def index_of(self, batch: int) -> int | None:
-        i = batch - self.offset
+        d = batch - self.offset
+        if d < 0 or (self.last is not None and batch > self.last):
+            return None
+        i = d // self.per_task
         return i if i in self.indices else None
 
 
@@ -161,7 +167,8 @@ class Chain:
             if step is None:
                 strays.append(row)
                 continue
-            step.arrays.append(Array(row.job_id, expand(row.indices), row.offset, row.attempt, row.id))
+            step.arrays.append(Array(row.job_id, expand(row.indices), row.offset, row.attempt, row.id,
+                                     row.per_task or 1, max(step.batches)))
             step.retries = max(step.retries, row.attempt)
         return strays
 

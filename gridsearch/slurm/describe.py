@@ -27,7 +27,7 @@ def describe_jobs(sweep: Sweep, planned: Planned) -> list[str]:
     window = planned.trial.sections.get("tracking", {}).get("window_size")
     out = []
     for stage in planned.stages:
-        phases = [p for p in stage_phases(stage, sweep.shape[0], ex.frames_per_batch, window) if p]
+        phases = [p for p in stage_phases(stage, sweep.shape[0], ex.frames_per_batch or 1, window) if p]
         parts = []
         for phase in phases:
             arrays = [compact([i + off for i in idx]) for off, idx in split(phase, limit)]

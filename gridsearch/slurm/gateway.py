@@ -72,6 +72,8 @@ class ArrayRequest:
     log_dir: Path
     script_dir: Path | None = None  # None: log_dir/scripts
     after: list[str] = field(default_factory=list)  # job ids (afterok)
+    per_task: int = 1  # batches a task runs in turn: index*per_task + offset and on
+    last: int | None = None  # with per_task > 1: the last batch any task may run
 
     @property
     def paths(self) -> JobPaths:
@@ -113,12 +115,15 @@ def sbatch_argv(req: ArrayRequest, spec: ExecutorSpec) -> list[str]:
 
 
 def script(req: ArrayRequest, setup: Sequence[str]) -> str:
-    """The task body: setup lines, then one worker call for batch = SLURM_ARRAY_TASK_ID + offset."""
-    batch = f"$((SLURM_ARRAY_TASK_ID + {req.offset}))"
+    """The task body: setup lines, then one worker call from batch SLURM_ARRAY_TASK_ID * per_task +
+    offset on, running per_task batches in turn (one ultrack import for all of them)."""
+    task = "SLURM_ARRAY_TASK_ID" + (f" * {req.per_task}" if req.per_task > 1 else "")
+    batch = f"$(({task} + {req.offset}))"
     worker = shlex.join([sys.executable, "-m", "gridsearch.worker", *req.worker_args])
+    more = f" --count {req.per_task} --last {req.last}" if req.per_task > 1 and req.last is not None else ""
     return "\n".join(["#!/bin/bash", "set -e", *setup,
-                      f'echo "gridsearch {req.stage} batch {batch} on $(hostname)"',
-                      f"exec {worker} --batch {batch}", ""])
+                      f'echo "gridsearch {req.stage} batch {batch}{more} on $(hostname)"',
+                      f"exec {worker} --batch {batch}{more}", ""])
 
 
 def job_script(command: Sequence[str], setup: Sequence[str]) -> str:
@@ -217,6 +222,18 @@ def max_array_size() -> int:
 
 
 # ---- scancel and single-job queries ----------------------------------------------------------
+def cluster_cpus(partition: str | None = None) -> int | None:
+    """CPUs of the partition's nodes (each node once: sinfo lists a node per partition); None when
+    sinfo cannot say. An upper bound on tasks at once, whatever max_parallel allows."""
+    try:
+        r = _run(["sinfo", "-h", "-N", "-o", "%N|%c", *(["-p", partition] if partition else [])], timeout=30)
+    except SlurmError:
+        return None
+    nodes = dict(line.strip().split("|", 1) for line in r.stdout.splitlines() if "|" in line)
+    total = sum(int(c) for c in nodes.values() if c.strip().isdigit())
+    return total if r.returncode == 0 and total > 0 else None
+
+
 def scancel_ids(ids: Sequence[str]) -> None:
     if ids:
         _run(["scancel", *ids])

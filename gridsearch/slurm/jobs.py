@@ -29,6 +29,7 @@ class JobRow:
     submitted_at: float
     run_id: int | None  # None: written before arrays knew their stage run (never re-attached)
     frames_per_batch: int | None = None  # what its task indices mean; None: unknown (never re-attached)
+    per_task: int | None = None  # batches each task runs in turn (None: 1)
 
 
 class JobStore:
@@ -36,12 +37,12 @@ class JobStore:
         self.engine = engine
 
     def add(self, trial_key: str, stage: str, phase: int, job_id: str, indices: str, offset: int,
-            attempt: int, run_id: int, frames_per_batch: int) -> int:
+            attempt: int, run_id: int, frames_per_batch: int, per_task: int = 1) -> int:
         with self.engine.begin() as c:
             r = c.execute(slurm_job_t.insert().values(
                 trial_key=trial_key, stage=stage, phase=phase, job_id=job_id, indices=indices,
                 offset=offset, attempt=attempt, state="active", submitted_at=time.time(), run_id=run_id,
-                frames_per_batch=frames_per_batch))
+                frames_per_batch=frames_per_batch, per_task=per_task))
             return int(r.inserted_primary_key[0])
 
     def rows(self, trial_key: str | None = None, state: str | None = None) -> list[JobRow]:
