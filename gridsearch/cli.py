@@ -187,6 +187,8 @@ def plan(spec: str, as_json: bool, nodes: int | None, cpus_per_node: int) -> Non
         "stage runs: " + ", ".join(f"{k} {v}" for k, v in totals["stage_runs"].items())
         + f" = {totals['total_stage_runs']} (naive {totals['naive_stage_runs']})"
     )
+    for line in views.tree_lines(fan):
+        c.print(line, highlight=False, markup=False)
     c.print(views.branches_line(fan, nodes))
     if est is not None:
         c.print(est.line())

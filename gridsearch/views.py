@@ -145,11 +145,50 @@ def branches(sweep: Sweep, led: Ledger | None, plan: Plan, nodes: int | None = N
         work = dataclasses.replace(work, parallelism=max(1, min(slots, cap)))
     sim = simulate(order, k, DEFAULT_COST)
     edges = sorted([(r.start, 1) for r in sim.runs] + [(r.end, -1) for r in sim.runs])
-    doc.update(forks=sim.forks, runs_at_once=max(itertools.accumulate(d for _, d in edges)))
+    doc.update(forks=sim.forks, runs_at_once=max(itertools.accumulate(d for _, d in edges)),
+               tree=_tree(sim.runs))
     est = costs.branch_estimate(plan, measured, work, k)
     if est is not None:
         doc.update(makespan_s=round(est.wall_s, 1), parallelism=work.parallelism)
     return doc
+
+
+def _tree(runs: list[Any]) -> list[dict[str, Any]]:
+    """The stage runs as the tree the branches form, depth first: what each runs (the swept
+    values of its stage), on which database, and its step: runs of one step start together."""
+    by_node = {id(r.node): r for r in runs}
+    steps = {t: i for i, t in enumerate(sorted({r.start for r in runs}), 1)}
+    out: list[dict[str, Any]] = []
+
+    def walk(node: Any, depth: int) -> None:
+        run = by_node.get(id(node))
+        if run is None:
+            return
+        prefix = node.stage.section + "."
+        out.append({"depth": depth, "stage": node.stage.label, "database": run.db, "step": steps[run.start],
+                    "params": {k: v for k, v in node.owner.params.items() if k.startswith(prefix)}})
+        for child in node.children:
+            walk(child, depth + 1)
+
+    children = {id(c) for r in runs for c in r.node.children}
+    for root in [r.node for r in runs if id(r.node) not in children]:
+        walk(root, 0)
+    return out
+
+
+def tree_lines(doc: dict[str, Any], limit: int = 40) -> list[str]:
+    """`plan`'s picture of the branches: one line per stage run, indented under its parent."""
+    tree = doc.get("tree") or []
+    if doc.get("parallel", 1) <= 1 or not tree:
+        return []
+    lines = ["the branches: stage run  (database, step: runs of one step start together)"]
+    for n in tree[:limit]:
+        what = " ".join(f"{k.split('.', 1)[1]}={v}" for k, v in n["params"].items()) or "(base config)"
+        lines.append(f"{'  ' * n['depth']}{'└ ' if n['depth'] else ''}{n['stage']} {what}  "
+                     f"({n['database']}, step {n['step']})")
+    if len(tree) > limit:
+        lines.append(f"... and {len(tree) - limit:,} more stage runs (all of them: --json)")
+    return lines
 
 
 def branches_line(doc: dict[str, Any], nodes: int | None) -> str:

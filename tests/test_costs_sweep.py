@@ -57,3 +57,26 @@ def test_measured_sweep_estimates_the_grid_points_added_later(tmp_path: Path, mo
     one_trial = sum(sorted(x["wall_s"] for x in v)[1] for v in by_stage.values())
     assert 0.5 * 3 * one_trial < doc["wall_s"] < 2 * 3 * one_trial
     assert doc["core_hours"] > 0 and doc["measured_batches"] == 9
+
+
+def test_plan_draws_the_branches_and_which_runs_go_together(tmp_path: Path, movie: dict[str, Path]) -> None:
+    """parallel 3 on the example's 2 x 2 x 3 grid: every stage run once, under its parent, and
+    runs of one step on different databases (what goes at once)."""
+    grid = ("grid:\n  segmentation.min_area: [30, 60]\n  linking.max_distance: [6.0, 15.0]\n"
+            "  tracking.appear_weight: [-0.1, -0.5, -1.0]\n")
+    spec = write_spec(tmp_path, movie, name="tree", grid=grid, extra="parallel: 3\n")
+    r = CliRunner().invoke(main, ["plan", "--json", str(spec)])
+    assert r.exit_code == 0, r.output
+    tree = json.loads(r.output)["branches"]["tree"]
+    assert [n["stage"] for n in tree] == (["segment"] + (["link"] + ["solve"] * 3) * 2) * 2
+    assert [n["depth"] for n in tree] == ([0] + ([1] + [2] * 3) * 2) * 2
+    assert tree[1]["params"] == {"linking.max_distance": 6.0}
+    steps: dict[int, set[str]] = {}
+    for n in tree:
+        assert n["database"] not in steps.setdefault(n["step"], set())  # one run per database at once
+        steps[n["step"]].add(n["database"])
+    assert max(len(dbs) for dbs in steps.values()) == 3
+    r = CliRunner().invoke(main, ["plan", str(spec)])
+    assert r.exit_code == 0, r.output
+    assert "  └ link max_distance=6.0  (main, step 2)" in r.output
+    assert len([ln for ln in r.output.splitlines() if "└ solve" in ln]) == 12

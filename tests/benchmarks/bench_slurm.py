@@ -86,7 +86,7 @@ def big_grid() -> None:
     print("225 frames, 3 x 3 x 4 grid (stated costs: segment 30 s/frame, link 20 s/frame, solve 45 min, "
           "start-up 5 s; 32 CPUs per node):")
     for nodes in (1, 10, 100):
-        work = costs.Workload(225, 1, nodes * 32, True)
+        work = costs.Workload(225, 1, nodes * 32, True, auto_tasks=True)
         one = costs.branch_estimate(plan, stated, work, 1)
         wide = costs.branch_estimate(plan, stated, work, 36)
         assert one is not None and wide is not None
