@@ -320,6 +320,7 @@ class _BranchDriver(_Driver):
         self.outcome.skipped = len(plan.trials) - len(pending)
         if pending:
             results.warm_up_in_background()
+        self.executor.withdraw_earlier()  # nothing of a killed driver's may write while we copy
         known = set(self.ledger.databases()) | {MAIN_DB}
         self._names = known | set(self.backend.forks())
         for orphan in set(self.backend.forks()) - known:  # made by a driver killed before recording it

@@ -4,6 +4,9 @@ arrays and branches, and the table equals the serial SQLite sweep's."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -11,7 +14,7 @@ from typing import Any
 import pandas as pd
 import pytest
 from helpers import comparable, serial_table, write_spec
-from test_slurm import SLURM, _ledger, _live, _stop_server, cluster, short_movie  # noqa: F401
+from test_slurm import SLURM, _ledger, _live, _stop_server, _sweep, _wait_for_link, cluster, short_movie  # noqa: F401
 
 from gridsearch.core.waiting import wait_until
 from gridsearch.engine import existing_ledger, run_sweep
@@ -25,10 +28,16 @@ GRID = "grid:\n  segmentation.min_area: [30, 60]\n  tracking.appear_weight: [-0.
 WIDE = SLURM.replace("max_parallel: 2", "max_parallel: 8").replace("parallel: 1\n", "parallel: 3\n")
 
 
+@pytest.fixture(scope="module")
+def serial(tmp_path_factory: pytest.TempPathFactory, short_movie: dict[str, Path]) -> pd.DataFrame:  # noqa: F811
+    return serial_table(tmp_path_factory.mktemp("plain"), short_movie, "slbref", GRID)
+
+
 def test_branches_share_one_poll_and_match_the_serial_sweep(
-    open_tmp: Path, short_movie: dict[str, Path], monkeypatch: pytest.MonkeyPatch  # noqa: F811
+    open_tmp: Path, short_movie: dict[str, Path], monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+    serial: pd.DataFrame
 ) -> None:
-    want = serial_table(open_tmp / "plain", short_movie, "slbref", GRID)
+    want = serial
 
     # every scheduler call, and for each poll: the calls it made and the arrays it asked about
     calls: list[str] = []
@@ -72,3 +81,35 @@ def test_branches_share_one_poll_and_match_the_serial_sweep(
         assert p["calls"].count("squeue") == want and p["calls"].count("sacct") <= want, p
     # arrays of different trials were in the queue at the same time
     assert rows.trial_key.nunique() >= 3
+
+
+def test_a_killed_parallel_driver_resumes_and_still_forks(
+    open_tmp: Path, short_movie: dict[str, Path], serial: pd.DataFrame  # noqa: F811
+) -> None:
+    """SIGKILL while branches' arrays run: the next driver withdraws what its predecessor left
+    before it copies any database (a template with a task still connected cannot be copied, and
+    would end forking for the rest of the sweep), then finishes with forks and the serial table."""
+    spec = write_spec(open_tmp, short_movie, name="slbrk", grid=GRID, extra=WIDE)
+    proc = _sweep(spec)
+    try:
+        _wait_for_link(spec, proc, running=True)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert _live(spec), "the arrays died with the driver"
+        proc = subprocess.Popen([sys.executable, "-m", "gridsearch.cli", "sweep", str(spec)],  # notices on
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err
+        assert "not forking" not in out + err, out + err
+        assert wait_until(lambda: _live(spec) == [], 60, 0.5), _live(spec)
+        df, _rows = _ledger(spec)
+        with existing_ledger(load(spec)) as led:
+            runs = pd.DataFrame(led.stage_runs())
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        _stop_server(spec)
+    pd.testing.assert_frame_equal(comparable(df), comparable(serial))
+    done = runs[runs.state == "done"]
+    assert done.database.nunique() >= 3  # a second root and forks, after the resume too
+    assert set(done.groupby("stage").fingerprint.nunique()) <= {2, 4}  # 2 segment, 2 link, 4 solve

@@ -114,6 +114,10 @@ class Executor(abc.ABC):
         re-attach."""
         return {}
 
+    def withdraw_earlier(self) -> None:  # noqa: B027 (optional hook)
+        """Stop whatever an earlier (killed) driver left running, and wait until it is gone: before
+        databases are copied (a template must have no sessions) or dropped under it."""
+
     def close(self) -> None:  # noqa: B027 (optional hook)
         """Release workers; called once when the sweep ends (also on errors and signals)."""
 

@@ -103,6 +103,17 @@ class SlurmExecutor(Executor):
         gateway.wait_all_gone(sorted({r.job_id for r in withdrawn} | stray))
         return runs
 
+    def withdraw_earlier(self) -> None:
+        """Branches at once resume by withdrawing every array a killed driver left (the stages
+        it finished are kept): before the first fork copies a database that one of them still
+        writes into. Adopting them branch by branch is left for later."""
+        rows = [r for r in self.store.rows(state="active")
+                if r.id not in {i for f in self.flights for i in f.chain.row_ids()}]
+        self._withdraw(rows)
+        stray = set() if self.strays_checked else self._cancel_strays()
+        self.strays_checked = True
+        gateway.wait_all_gone(sorted({r.job_id for r in rows} | stray))
+
     def _cancel_strays(self) -> set[str]:
         """Arrays bearing this sweep's names that the ledger never recorded: submitted by a driver
         killed before it could record them, or queued by an sbatch that reported a failure. They

@@ -1,7 +1,8 @@
 """Branches at once on SLURM: the 2 x 2 x 3 grid on a 10-frame movie with dividing cells, the
-PostgreSQL server as a job, run serially (parallel 1) and with forked branches (parallel K), one
-after the other in this run; then the simulator's prediction of the parallel run from the serial
-run's measured costs, and its prediction for a 225-frame movie with a 3 x 3 x 4 grid.
+PostgreSQL server as a job, run as the engine ran before issue 10 (parallel 1, one frame per task)
+and with forked branches (parallel K) and right-sized tasks, one after the other in this run;
+then the simulator's prediction of both from the first run's measured costs, and its prediction
+for a 225-frame movie with a 3 x 3 x 4 grid.
 
     python tests/benchmarks/bench_slurm.py [--parallel 6] [--workdir DIR]   (needs the test cluster)
 """
@@ -25,14 +26,18 @@ GRID = {
 BASE = {"segmentation": {"max_area": 1000}, "tracking": {"solver_name": "CBC"}}
 
 
-def write(root: Path, movie: dict[str, Path], name: str, k: int, max_parallel: int) -> Path:
+def write(root: Path, movie: dict[str, Path], name: str, k: int, max_parallel: int,
+          one_frame_tasks: bool = False) -> Path:
+    """one_frame_tasks: frames_per_batch 1 (explicit: one frame per task, as before right-sizing)."""
+    executor = {"kind": "slurm", "max_parallel": max_parallel, "poll_seconds": 1}
+    if one_frame_tasks:
+        executor["frames_per_batch"] = 1
     spec = root / f"{name}.yaml"
     spec.write_text(yaml.safe_dump({
         "name": name, "workdir": str(root / name),
         "data": {"foreground": str(movie["foreground"]), "contours": str(movie["contours"])},
         "config": BASE, "grid": GRID, "parallel": k,
-        "database": {"kind": "postgresql", "managed": True},
-        "executor": {"kind": "slurm", "max_parallel": max_parallel, "poll_seconds": 1},
+        "database": {"kind": "postgresql", "managed": True}, "executor": executor,
     }))
     return spec
 
@@ -44,22 +49,20 @@ def run(spec: Path) -> float:
     return time.perf_counter() - t0
 
 
-def predicted(measured_spec: Path, k: int) -> tuple[float | None, float | None]:
-    """(serial, parallel k) makespans the cost model predicts from a finished sweep's batches,
-    for the whole grid as if nothing were done yet."""
+def predicted(measured_spec: Path, spec: Path) -> float | None:
+    """The makespan the cost model predicts for `spec` (its parallel, its tasks) from the batches
+    `measured_spec` measured, for the whole grid as if nothing were done yet."""
     from gridsearch import costs
     from gridsearch.engine import existing_ledger
     from gridsearch.planner import make_plan
     from gridsearch.spec import load
 
-    sw = load(measured_spec)
-    with existing_ledger(sw) as led:
+    with existing_ledger(load(measured_spec)) as led:
         assert led is not None
         measured = costs.stage_costs(led.measured_batches())
-    plan = make_plan(sw.trials, {}, set())
-    work = costs.workload(sw)
-    one, many = (costs.branch_estimate(plan, measured, work, n) for n in (1, k))
-    return (one.wall_s if one else None), (many.wall_s if many else None)
+    sw = load(spec)
+    est = costs.branch_estimate(make_plan(sw.trials, {}, set()), measured, costs.workload(sw), sw.parallel)
+    return est.wall_s if est else None
 
 
 def big_grid() -> None:
@@ -97,7 +100,8 @@ def big_grid() -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--parallel", type=int, default=6)
-    ap.add_argument("--max-parallel", type=int, default=16)
+    ap.add_argument("--max-parallel", type=int, default=2,
+                    help="tasks at once per array (the test node advertises 16 CPUs on 2 cores)")
     ap.add_argument("--workdir", type=Path)
     ap.add_argument("--only-prediction", action="store_true", help="the 225-frame prediction alone")
     a = ap.parse_args()
@@ -110,19 +114,39 @@ def main() -> None:
     from gridsearch.synth import generate_movie
 
     movie = generate_movie(root / "movie", n_frames=10, divisions=2, seed=3)
-    serial = write(root, movie, "bserial", 1, a.max_parallel)
-    wide = write(root, movie, "bwide", a.parallel, a.max_parallel)
+    # before this issue: one stage run at a time, one frame per task
+    serial = write(root, movie, "bserial", 1, a.max_parallel, one_frame_tasks=True)
+    wide = write(root, movie, "bwide", a.parallel, a.max_parallel)  # branches + right-sized tasks
     t1 = run(serial)
-    print(f"serial (parallel 1): {t1:.0f} s", flush=True)
-    p1, pk = predicted(serial, a.parallel)
+    print(f"serial, one frame per task (the engine before this issue): {t1:.0f} s", flush=True)
+    p1, pk = predicted(serial, serial), predicted(serial, wide)
     tk = run(wide)
-    print(f"branches (parallel {a.parallel}): {tk:.0f} s; speed-up {t1 / tk:.2f}x", flush=True)
+    print(f"parallel {a.parallel}, right-sized tasks: {tk:.0f} s; speed-up {t1 / tk:.2f}x", flush=True)
     if p1 is not None and pk is not None:
         print(f"simulator from the serial run's costs: serial {p1:.0f} s (measured {t1:.0f} s, "
               f"{100 * (p1 - t1) / t1:+.0f}%), parallel {a.parallel} {pk:.0f} s (measured {tk:.0f} s, "
               f"{100 * (pk - tk) / tk:+.0f}%)")
     else:
         print("simulator: not every stage was measured")
+    _cpu(serial, wide)
+
+
+def _cpu(*specs: Path) -> None:
+    """What limits it here: CPU-seconds the batches and the tasks' start-ups used, against 2 cores."""
+    from gridsearch.engine import existing_ledger
+    from gridsearch.slurm.jobs import JobStore
+    from gridsearch.slurm.parse import expand
+    from gridsearch.spec import load
+
+    for spec in specs:
+        with existing_ledger(load(spec)) as led:
+            assert led is not None
+            rows = led.measured_batches()
+            tasks = sum(len(expand(r.indices)) for r in JobStore(led.engine).rows())
+        cpu = sum(r["cpu_s"] or 0.0 for r in rows)
+        startups = [r["startup_s"] for r in rows if r.get("paid_startup") and r.get("startup_s")]
+        print(f"  {spec.stem}: {tasks} tasks, {len(rows)} batches, batches' CPU {cpu:.0f} s, "
+              f"median start-up {sorted(startups)[len(startups) // 2] if startups else 0:.1f} s a task")
 
 
 if __name__ == "__main__":
