@@ -288,14 +288,28 @@ def _resolve(base: Path, p: Path) -> Path:
 def _load_base_config(cfg: Path | dict[str, Any], base: Path, spec_path: Path) -> dict[str, Any]:
     if isinstance(cfg, dict):
         return dict(cfg)
-    path = _resolve(base, cfg)
+    return read_config_toml(_resolve(base, cfg), f"{spec_path}: config: ")
+
+
+def read_config_toml(path: Path, where: str) -> dict[str, Any]:
+    """An ultrack config.toml as written, all its sections; `where` starts the one-line error."""
     try:
         with open(path, "rb") as f:
             return tomllib.load(f)
     except OSError as e:
-        raise SpecError(f"{spec_path}: config: cannot read {path}: {e.strerror}") from None
+        raise SpecError(f"{where}cannot read {path}: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
-        raise SpecError(f"{spec_path}: config: {path} is not valid TOML: {e}") from None
+        raise SpecError(f"{where}{path} is not valid TOML: {e}") from None
+
+
+def base_config(raw: dict[str, Any], where: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """An ultrack config without its [data] section (gridsearch owns it: where each database
+    lives), as written and as validated by ultrack's models (defaults filled in, JSON mode)."""
+    unknown = set(raw) - set(SWEEPABLE) - {"data"}
+    if unknown:
+        raise SpecError(f"{where}{sorted(unknown)[0]}: unknown ultrack config section")
+    own = {k: v for k, v in raw.items() if k != "data"}
+    return own, _validate_sections(own, where)
 
 
 def _validate_sections(raw: dict[str, Any], where: str) -> dict[str, dict[str, Any]]:
@@ -523,12 +537,8 @@ def load(path: str | Path) -> Sweep:
     _check_grid(sf.grid, sf.max_trials, spec_path)
     _check_options(sf, spec_path)
     inputs = _resolve_data(sf, base, spec_path)
-    base_raw = _load_base_config(sf.config, base, spec_path)
-    unknown = set(base_raw) - set(SWEEPABLE) - {"data"}
-    if unknown:
-        raise SpecError(f"{spec_path}: config.{sorted(unknown)[0]}: unknown ultrack config section")
-    base_raw.pop("data", None)  # gridsearch owns [data]: where each database lives
-    base_sections = _validate_sections(base_raw, f"{spec_path}: config.")
+    raw_config = _load_base_config(sf.config, base, spec_path)
+    base_raw, base_sections = base_config(raw_config, f"{spec_path}: config.")
     sweep = Sweep(spec_path, sf, base_sections, inputs, [], uses_full_identity(sf.workdir))
     batching = (inputs.shape[0], sweep.executor.frames_per_batch or 1)
     with gc_paused():
