@@ -107,6 +107,34 @@ def main() -> None:
 
 
 @main.command()
+@click.option("--config", type=click.Path(dir_okay=False), help="Your ultrack config.toml (else ultrack's).")
+@click.option("--foreground", type=click.Path(), help="Foreground: zarr array, group/array or TIFF stack.")
+@click.option("--contours", type=click.Path(), help="Contours: zarr array, group/array or TIFF stack.")
+@click.option("--labels", multiple=True, type=click.Path(),
+              help="Instance label movie instead of foreground + contours (repeat for several).")
+@click.option("--ground-truth", type=click.Path(), help="CTC TRA folder: trials scored and ranked by TRA.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Sweep file to write (else NAME.yaml).")
+@click.option("--name", help="Sweep name (default: the output file's name).")
+@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+def init(config: str | None, foreground: str | None, contours: str | None, labels: tuple[str, ...],
+         ground_truth: str | None, output: str | None, name: str | None, force: bool) -> None:
+    """Write a commented sweep file from your config.toml and data: a grid around its values,
+    the database and executor this machine can run."""
+    from gridsearch.scaffold import DataPaths, probe_machine, write_sweep
+
+    def path(p: str | None) -> Path | None:
+        return Path(p) if p else None
+
+    data = DataPaths(path(foreground), path(contours), tuple(Path(p) for p in labels), path(ground_truth))
+    out = Path(output or f"{name or 'sweep'}.yaml")
+    written = write_sweep(out, config=path(config), data=data, name=name, force=force,
+                          machine=probe_machine())
+    for line in written.notices:
+        click.echo(line)
+    click.echo(f"wrote {out}: {written.trials} trials; check it, then `gridsearch plan {out}`")
+
+
+@main.command()
 @click.argument("spec", type=click.Path(dir_okay=False))
 @click.option("--restart", is_flag=True,
               help="Archive earlier results and start over (base config or data changed).")

@@ -14,7 +14,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from gridsearch import executors, results
+from gridsearch import convert, executors, results
 from gridsearch.backends import Backend, open_backend
 from gridsearch.branches import Forest, Move, Node, build_tree
 from gridsearch.core.errors import GridsearchError, one_line
@@ -137,6 +137,7 @@ def run_sweep(sweep: Sweep, *, restart: bool = False, reporter: Reporter | None 
             ledger = Ledger(backend.ledger_url, sweep.name, backend.engine_kwargs)
             try:
                 check_compatible(ledger, sweep)
+                make_inputs(sweep, ws, rep)
                 n = ledger.recover()
                 if n:
                     rep.message(f"{n} interrupted stage run(s) found: their results will be recomputed")
@@ -154,6 +155,15 @@ def run_sweep(sweep: Sweep, *, restart: bool = False, reporter: Reporter | None 
                 ledger.close()
     outcome.wall_s = time.perf_counter() - t0
     return outcome
+
+
+def make_inputs(sweep: Sweep, ws: Workspace, rep: Reporter) -> None:
+    """Arrays made from TIFF stacks or label movies, before any stage reads them; only once the
+    data is known to be the sweep's (check_compatible): changed data is refused, not converted."""
+    for made in convert.stale(sweep.inputs.made):
+        rep.message(convert.describe(made))
+        with fd_redirect(ws.logs / "ultrack.log"):  # ultrack's progress bar
+            convert.make(made)
 
 
 def _driver(sweep: Sweep, ws: Workspace, ledger: Ledger, backend: Backend, executor: Executor,
@@ -209,10 +219,10 @@ class _Driver:
             db.clear(first)
         runs = self.ledger.open_stage_runs(db.name, trial.key, trial.fingerprints, stages, adopted)
         window = trial.sections["tracking"].get("window_size")
-        data = self.sweep.file.data
+        arrays = self.sweep.inputs
         return [StageJob(s, runs[s], stage_phases(s, self.sweep.shape[0], self.executor.frames_per_batch,
                                                   window),
-                         config_path, str(data.foreground), str(data.contours), trial.key)
+                         config_path, str(arrays.foreground), str(arrays.contours), trial.key)
                 for s in stages]
 
     def run_trial(self, planned: PlannedTrial, k: int, n: int) -> bool:

@@ -1,13 +1,20 @@
-"""The input files: the movie's arrays (readable, their identity) and the CTC ground truth checked
-against the movie, all before any work starts."""
+"""The input files: the movie's arrays (zarr arrays, arrays inside a zarr group, TIFF stacks, or
+instance label movies to turn into ultrack's inputs), their identity, and the CTC ground truth
+checked against the movie, all before any work starts. What gridsearch makes from them in the
+workdir (a TIFF's zarr copy, the labels' foreground and contours) is described here as `Made`
+and made by convert.py."""
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from gridsearch.core.errors import first_line
 from gridsearch.stages import canonical_json
@@ -15,23 +22,207 @@ from gridsearch.validate import SpecError
 
 SAMPLED_CHUNKS = 64
 _METADATA = ("zarr.json", ".zarray", ".zattrs")
+_GROUP_METADATA = ("zarr.json", ".zgroup")
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, both byte orders
+INPUTS_DIR = "inputs"  # in the workdir: the arrays made from TIFF stacks or label movies
+# How label movies become foreground + contours: part of the data identity, so that a change of
+# recipe reads as changed data. sigma None: contours not smoothed (ultrack's default).
+LABELS_SIGMA = None
+LABELS_RECIPE = f"ultrack.utils.labels_to_contours(sigma={LABELS_SIGMA})"
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input file as the user named it: a zarr array or a TIFF stack."""
+
+    path: Path
+    kind: str  # "zarr" or "tiff"
+    shape: tuple[int, ...]
+    dtype: str
+    identity: str
+
+
+@dataclass(frozen=True)
+class Made:
+    """Arrays gridsearch makes once in the workdir from the user's files (convert.py makes them):
+    a TIFF stack's zarr copy, or the foreground and contours of label movies."""
+
+    sources: tuple[Path, ...]
+    targets: tuple[Path, ...]  # labels: (foreground, contours); a TIFF copy: one array
+    identity: str  # of the sources: a made array is trusted only while it records this one
+    labels: bool
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What the stages read: the zarr arrays every worker opens by path (the user's, or made in
+    the workdir), the movie's shape and the data identity, which is of the user's files."""
+
+    foreground: Path
+    contours: Path
+    shape: tuple[int, ...]
+    identity: str
+    made: tuple[Made, ...] = ()
+
+
+def _where(spec_path: Path, label: str) -> str:
+    return f"{spec_path}: data.{label}"
+
+
+def _check_dims(shape: tuple[int, ...], label: str, spec_path: Path) -> None:
+    if len(shape) not in (3, 4):
+        raise SpecError(f"{_where(spec_path, label)}: expected T x (Z) x Y x X, got shape {shape}")
+
+
+def _zarr_group(path: Path) -> Any | None:
+    """The zarr group stored at directory `path`, or None when it holds none."""
+    if not path.is_dir() or not any((path / m).is_file() for m in _GROUP_METADATA):
+        return None
+    import zarr
+
+    try:
+        return zarr.open_group(str(path), mode="r")
+    except Exception:  # an array, or unreadable metadata: not a group
+        return None
+
+
+def _members(group: Any) -> str:
+    names = sorted(group.array_keys())
+    if not names:
+        return "it holds no array"
+    shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+    return f"it holds: {shown}"
+
+
+def _missing(path: Path, label: str, spec_path: Path) -> str:
+    """Why `path` cannot be found: a name inside a zarr group that the group does not hold, or a
+    path that does not exist at all."""
+    for parent in path.parents:
+        if parent.exists():
+            group = _zarr_group(parent)
+            if group is not None:
+                return (f"{_where(spec_path, label)}: {parent} is a zarr group without an array "
+                        f"{path.relative_to(parent)} ({_members(group)})")
+            break
+    return f"{_where(spec_path, label)}: {path} does not exist"
 
 
 def open_array(path: Path, label: str, spec_path: Path) -> tuple[Any, tuple[int, ...]]:
-    """The zarr array at `path` and its shape, T x (Z) x Y x X; bad input in one line otherwise."""
+    """The zarr array at `path` (an array's own directory, also inside a zarr group:
+    `segments.zarr/foreground`) and its shape, T x (Z) x Y x X; bad input in one line otherwise."""
     if not path.exists():
-        raise SpecError(f"{spec_path}: data.{label}: {path} does not exist")
+        raise SpecError(_missing(path, label, spec_path))
+    group = _zarr_group(path)
+    if group is not None:
+        example = next(iter(sorted(group.array_keys())), "foreground")
+        raise SpecError(f"{_where(spec_path, label)}: {path} is a zarr group, not an array; name the "
+                        f"array inside it, e.g. {path / example} ({_members(group)})")
     try:
         import zarr
 
-        arr = zarr.open(str(path), mode="r")
+        arr = zarr.open_array(str(path), mode="r")
         shape = tuple(int(s) for s in arr.shape)
     except Exception as e:  # zarr raises many kinds for a bad store
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise SpecError(f"{spec_path}: data.{label}: {path} is not a readable zarr array: {reason}") from None
-    if len(shape) not in (3, 4):
-        raise SpecError(f"{spec_path}: data.{label}: expected T x (Z) x Y x X, got shape {shape}")
+        raise SpecError(f"{_where(spec_path, label)}: {path} is not a readable zarr array: "
+                        f"{first_line(e)}") from None
+    _check_dims(shape, label, spec_path)
     return arr, shape
+
+
+def is_tiff(path: Path) -> bool:
+    """By its first bytes, not its name: `.tif`, `.tiff`, `.ome.tif` or none at all."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) in _TIFF_MAGIC
+    except OSError:
+        return False
+
+
+def _tiff_source(path: Path, label: str, spec_path: Path) -> Source:
+    """A TIFF stack's first image series; its identity is the file's size and mtime (hashing the
+    content would read the whole movie at every command)."""
+    import tifffile
+
+    tifffile_log = logging.getLogger("tifffile")
+    level = tifffile_log.level
+    tifffile_log.setLevel(logging.CRITICAL)  # it logs what it skips: the line below says it once
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series
+            if not series:
+                raise ValueError("no image in it")
+            shape, dtype = tuple(int(s) for s in series[0].shape), str(series[0].dtype)
+    except Exception as e:  # tifffile raises many kinds for a bad file
+        raise SpecError(f"{_where(spec_path, label)}: {path} is not a readable TIFF: "
+                        f"{first_line(e)}") from None
+    finally:
+        tifffile_log.setLevel(level)
+    if len(series) > 1:
+        raise SpecError(f"{_where(spec_path, label)}: {path} holds {len(series)} image series; give one "
+                        "T x (Z) x Y x X stack per file")
+    _check_dims(shape, label, spec_path)
+    st = path.stat()
+    identity = hashlib.sha256(canonical_json(["tiff", str(path.resolve()), shape, dtype, st.st_size,
+                                              st.st_mtime_ns]).encode()).hexdigest()
+    return Source(path, "tiff", shape, dtype, identity)
+
+
+def open_source(path: Path, label: str, spec_path: Path, full_identity: bool = False) -> Source:
+    """An input as given: a zarr array (maybe inside a group) or a TIFF stack; one line otherwise."""
+    if path.is_file():
+        if is_tiff(path):
+            return _tiff_source(path, label, spec_path)
+        raise SpecError(f"{_where(spec_path, label)}: {path} is neither a zarr array nor a TIFF stack")
+    arr, shape = open_array(path, label, spec_path)
+    identity = (full_array_identity if full_identity else array_identity)(path, arr)
+    return Source(path, "zarr", shape, str(arr.dtype), identity)
+
+
+def resolve_inputs(foreground: Path | None, contours: Path | None, labels: Sequence[Path] | None,
+                   workdir: Path, spec_path: Path, full_identity: bool = False) -> Inputs:
+    """The arrays the stages read, from foreground + contours (zarr or TIFF) or from label movies.
+
+    TIFF stacks and label movies are read where they are for the checks and the identity; the
+    workers read zarr copies made in workdir/inputs at the sweep's start (convert.py says why)."""
+    made_dir = workdir / INPUTS_DIR
+    if labels:
+        movies = [open_source(p, f"labels[{i}]", spec_path) for i, p in enumerate(labels)]
+        shape = movies[0].shape
+        for i, m in enumerate(movies):
+            if m.shape != shape:
+                raise SpecError(f"{_where(spec_path, f'labels[{i}]')}: shape {m.shape} differs from "
+                                f"labels[0]'s {shape}; label movies must have the same shape")
+            if not (np.issubdtype(np.dtype(m.dtype), np.integer) or m.dtype == "bool"):
+                raise SpecError(f"{_where(spec_path, f'labels[{i}]')}: dtype {m.dtype}; instance labels "
+                                "must be integers (one id per cell, 0 for background)")
+        _check_frames(shape, "labels[0]", spec_path)
+        identity = hashlib.sha256(canonical_json(["labels", LABELS_RECIPE, [m.identity for m in movies]])
+                                  .encode()).hexdigest()
+        fg, ct = made_dir / "foreground.zarr", made_dir / "contours.zarr"
+        made = Made(tuple(m.path for m in movies), (fg, ct), identity, labels=True)
+        return Inputs(fg, ct, shape, identity, (made,))
+    assert foreground is not None and contours is not None  # DataSpec requires one of the two forms
+    fg_src = open_source(foreground, "foreground", spec_path, full_identity)
+    ct_src = open_source(contours, "contours", spec_path, full_identity)
+    if fg_src.shape != ct_src.shape:
+        raise SpecError(f"{spec_path}: data: foreground {fg_src.shape} and contours {ct_src.shape} must "
+                        "have the same shape")
+    _check_frames(fg_src.shape, "foreground", spec_path)
+    paths, copies = [], []
+    for src, name in ((fg_src, "foreground"), (ct_src, "contours")):
+        if src.kind == "tiff":
+            target = made_dir / f"{name}.zarr"
+            copies.append(Made((src.path,), (target,), src.identity, labels=False))
+            paths.append(target)
+        else:
+            paths.append(src.path)
+    identity = hashlib.sha256(f"{fg_src.identity}:{ct_src.identity}".encode()).hexdigest()
+    return Inputs(paths[0], paths[1], fg_src.shape, identity, tuple(copies))
+
+
+def _check_frames(shape: tuple[int, ...], label: str, spec_path: Path) -> None:
+    if shape[0] < 2:
+        raise SpecError(f"{_where(spec_path, label)}: {shape[0]} frame(s); tracking needs at least 2")
 
 
 def _stat_line(f: Path, name: str) -> str:

@@ -10,21 +10,15 @@ import operator
 import os
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gridsearch.core.bulk import gc_paused
-from gridsearch.inputs import (
-    array_identity,
-    check_ground_truth,
-    full_array_identity,
-    open_array,
-    uses_full_identity,
-)
+from gridsearch.inputs import Inputs, check_ground_truth, resolve_inputs, uses_full_identity
 from gridsearch.stages import (
     EXECUTION_KEYS,
     SECTION_OF,
@@ -56,9 +50,28 @@ class _Strict(BaseModel):
 
 
 class DataSpec(_Strict):
-    foreground: Path
-    contours: Path
+    """ultrack's inputs (zarr arrays, arrays inside a zarr group, or TIFF stacks), or instance label
+    movies (Cellpose, StarDist ...) that gridsearch turns into them once."""
+
+    foreground: Path | None = None
+    contours: Path | None = None
+    labels: list[Path] | None = None
     ground_truth: Path | None = None
+
+    @model_validator(mode="after")
+    def _one_form(self) -> DataSpec:
+        arrays = [k for k in ("foreground", "contours") if getattr(self, k) is not None]
+        if self.labels is not None and arrays:
+            raise ValueError(f"give foreground + contours or labels, not both (got {', '.join(arrays)} "
+                             "and labels)")
+        if self.labels is not None and not self.labels:
+            raise ValueError("labels: empty list; give one or more label movies")
+        if self.labels is None and len(arrays) < 2:
+            missing = " (contours missing)" if arrays == ["foreground"] else \
+                " (foreground missing)" if arrays else ""
+            raise ValueError(f"give foreground and contours (ultrack's inputs), or labels: [label movies]"
+                             f"{missing}")
+        return self
 
 
 class DatabaseSpec(_Strict):
@@ -159,10 +172,17 @@ class Sweep:
     path: Path
     file: SweepFile
     base_sections: dict[str, dict[str, Any]]
-    data_identity: str
+    inputs: Inputs  # the arrays the stages read, the movie's shape and the data identity
     trials: list[Trial]
-    shape: tuple[int, ...] = field(default=())
     full_identity: bool = False  # a workdir older than the sampled data identity (inputs.py)
+
+    @property
+    def data_identity(self) -> str:
+        return self.inputs.identity
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.inputs.shape
 
     @property
     def name(self) -> str:
@@ -268,14 +288,28 @@ def _resolve(base: Path, p: Path) -> Path:
 def _load_base_config(cfg: Path | dict[str, Any], base: Path, spec_path: Path) -> dict[str, Any]:
     if isinstance(cfg, dict):
         return dict(cfg)
-    path = _resolve(base, cfg)
+    return read_config_toml(_resolve(base, cfg), f"{spec_path}: config: ")
+
+
+def read_config_toml(path: Path, where: str) -> dict[str, Any]:
+    """An ultrack config.toml as written, all its sections; `where` starts the one-line error."""
     try:
         with open(path, "rb") as f:
             return tomllib.load(f)
     except OSError as e:
-        raise SpecError(f"{spec_path}: config: cannot read {path}: {e.strerror}") from None
+        raise SpecError(f"{where}cannot read {path}: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
-        raise SpecError(f"{spec_path}: config: {path} is not valid TOML: {e}") from None
+        raise SpecError(f"{where}{path} is not valid TOML: {e}") from None
+
+
+def base_config(raw: dict[str, Any], where: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """An ultrack config without its [data] section (gridsearch owns it: where each database
+    lives), as written and as validated by ultrack's models (defaults filled in, JSON mode)."""
+    unknown = set(raw) - set(SWEEPABLE) - {"data"}
+    if unknown:
+        raise SpecError(f"{where}{sorted(unknown)[0]}: unknown ultrack config section")
+    own = {k: v for k, v in raw.items() if k != "data"}
+    return own, _validate_sections(own, where)
 
 
 def _validate_sections(raw: dict[str, Any], where: str) -> dict[str, dict[str, Any]]:
@@ -346,30 +380,24 @@ def _check_options(sf: SweepFile, spec_path: Path) -> None:
         )
 
 
-def _resolve_data(sf: SweepFile, base: Path, spec_path: Path) -> tuple[str, tuple[int, ...]]:
-    """Resolve the paths and check them against each other (workdir, movie, ground truth); return
-    the data's identity and the movie's shape."""
+def _resolve_data(sf: SweepFile, base: Path, spec_path: Path) -> Inputs:
+    """Resolve the paths and check them against each other (workdir, movie, ground truth)."""
     sf.workdir = _resolve(base, sf.workdir)
     problem = workdir_problem(sf.workdir)
     if problem:
         raise SpecError(f"{spec_path}: workdir: {problem}")
-    sf.data.foreground = _resolve(base, sf.data.foreground)
-    sf.data.contours = _resolve(base, sf.data.contours)
-    fg, fg_shape = open_array(sf.data.foreground, "foreground", spec_path)
-    ct, ct_shape = open_array(sf.data.contours, "contours", spec_path)
-    if fg_shape != ct_shape:
-        raise SpecError(
-            f"{spec_path}: data: foreground {fg_shape} and contours {ct_shape} must have the same shape"
-        )
-    if fg_shape[0] < 2:
-        raise SpecError(f"{spec_path}: data.foreground: {fg_shape[0]} frame(s); tracking needs at least 2")
-    if sf.data.ground_truth is not None:
-        sf.data.ground_truth = _resolve(base, sf.data.ground_truth)
-        check_ground_truth(sf.data.ground_truth, fg_shape, sf.objective, spec_path)
-    identity = full_array_identity if uses_full_identity(sf.workdir) else array_identity
-    fg_id = identity(sf.data.foreground, fg)
-    ct_id = identity(sf.data.contours, ct)
-    return hashlib.sha256(f"{fg_id}:{ct_id}".encode()).hexdigest(), fg_shape
+    data = sf.data
+    for key in ("foreground", "contours"):
+        if getattr(data, key) is not None:
+            setattr(data, key, _resolve(base, getattr(data, key)))
+    if data.labels is not None:
+        data.labels = [_resolve(base, p) for p in data.labels]
+    inputs = resolve_inputs(data.foreground, data.contours, data.labels, sf.workdir, spec_path,
+                            uses_full_identity(sf.workdir))
+    if data.ground_truth is not None:
+        data.ground_truth = _resolve(base, data.ground_truth)
+        check_ground_truth(data.ground_truth, inputs.shape, sf.objective, spec_path)
+    return inputs
 
 
 def _expand(grid: dict[str, list[Any]], base_raw: dict[str, Any], data_identity: str,
@@ -508,15 +536,11 @@ def load(path: str | Path) -> Sweep:
     base = spec_path.resolve().parent
     _check_grid(sf.grid, sf.max_trials, spec_path)
     _check_options(sf, spec_path)
-    data_identity, shape = _resolve_data(sf, base, spec_path)
-    base_raw = _load_base_config(sf.config, base, spec_path)
-    unknown = set(base_raw) - set(SWEEPABLE) - {"data"}
-    if unknown:
-        raise SpecError(f"{spec_path}: config.{sorted(unknown)[0]}: unknown ultrack config section")
-    base_raw.pop("data", None)  # gridsearch owns [data]: where each database lives
-    base_sections = _validate_sections(base_raw, f"{spec_path}: config.")
-    sweep = Sweep(spec_path, sf, base_sections, data_identity, [], shape, uses_full_identity(sf.workdir))
-    batching = (shape[0], sweep.executor.frames_per_batch or 1)
+    inputs = _resolve_data(sf, base, spec_path)
+    raw_config = _load_base_config(sf.config, base, spec_path)
+    base_raw, base_sections = base_config(raw_config, f"{spec_path}: config.")
+    sweep = Sweep(spec_path, sf, base_sections, inputs, [], uses_full_identity(sf.workdir))
+    batching = (inputs.shape[0], sweep.executor.frames_per_batch or 1)
     with gc_paused():
-        sweep.trials = _expand(sf.grid, base_raw, data_identity, spec_path, batching)
+        sweep.trials = _expand(sf.grid, base_raw, inputs.identity, spec_path, batching)
     return sweep

@@ -47,11 +47,13 @@ def write_spec(
     grid: str = EXAMPLE_GRID,
     extra: str = "",
     base: str = "config:\n  segmentation: {max_area: 1000}\n  tracking: {solver_name: CBC}\n",
+    data: str | None = None,
 ) -> Path:
+    """`data`: the data section's lines instead of the movie's foreground and contours."""
     directory.mkdir(parents=True, exist_ok=True)
     text = (
         f"name: {name}\nworkdir: runs/{name}\n"
-        f"data:\n  foreground: {movie['foreground']}\n  contours: {movie['contours']}\n"
+        + (data or f"data:\n  foreground: {movie['foreground']}\n  contours: {movie['contours']}\n")
         + base
         + grid
         + textwrap.dedent(extra)

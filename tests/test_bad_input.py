@@ -121,13 +121,87 @@ VALUES = {
 }
 
 
+Data = tuple[dict[str, Path], str | None]  # (movie, data section lines or None)
+
+
+def _group(tmp: Path, movie: dict[str, Path]) -> Path:
+    """segments.zarr holding a foreground array only."""
+    group = zarr.open_group(str(tmp / "segments.zarr"), mode="w")
+    group.create_array("foreground", shape=(10, 8, 8), dtype="float32")
+    return tmp / "segments.zarr"
+
+
+def _file(name: str, content: bytes | np.ndarray) -> Callable[[Path, dict[str, Path]], Data]:
+    """data.foreground: a file of that content (bytes, or an array written as a TIFF)."""
+
+    def make(tmp: Path, movie: dict[str, Path]) -> Data:
+        path = tmp / name
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            tifffile.imwrite(path, content)
+        return {**movie, "foreground": path}, None
+    return make
+
+
+def _labels(*arrays: np.ndarray) -> Callable[[Path, dict[str, Path]], Data]:
+    def make(tmp: Path, movie: dict[str, Path]) -> Data:
+        paths = []
+        for i, a in enumerate(arrays):
+            paths.append(tmp / f"labels{i}.zarr")
+            zarr.save_array(str(paths[-1]), a)
+        return movie, f"data:\n  labels: [{', '.join(str(p) for p in paths)}]\n"
+    return make
+
+
+def _data(lines: str) -> Callable[[Path, dict[str, Path]], Data]:
+    def make(tmp: Path, movie: dict[str, Path]) -> Data:
+        return movie, "data:\n" + lines.format(**movie)
+    return make
+
+
+LABELS = np.zeros((10, 8, 8), dtype=np.uint16)
+INPUTS: dict[str, Callable[[Path, dict[str, Path]], Data]] = {
+    "group without the array": lambda tmp, m: ({**m, "contours": _group(tmp, m) / "contours"}, None),
+    "a group, not an array": lambda tmp, m: ({**m, "foreground": _group(tmp, m)}, None),
+    "neither zarr nor TIFF": _file("fg.png", b"\x89PNG\r\n\x1a\n"),
+    "unreadable TIFF": _file("fg.tif", b"II*\x00garbage"),
+    "TIFF of one image": _file("fg.tif", np.zeros((8, 8), dtype=np.float32)),
+    "TIFF of 5 dimensions": _file("fg.tif", np.zeros((2, 2, 2, 4, 4), dtype=np.float32)),
+    "labels and arrays": _data("  foreground: {foreground}\n  contours: {contours}\n"
+                               "  labels: [{foreground}]\n"),
+    "foreground alone": _data("  foreground: {foreground}\n"),
+    "no data": _data("  ground_truth: {gt}\n"),
+    "empty labels": _data("  labels: []\n"),
+    "float labels": _labels(LABELS.astype(np.float32)),
+    "labels of two shapes": _labels(LABELS, LABELS[:, :4]),
+    "labels of one frame": _labels(LABELS[:1]),
+}
+INPUTS_WHERE = {
+    "group without the array": "segments.zarr is a zarr group without an array contours "
+                               "(it holds: foreground)",
+    "a group, not an array": "is a zarr group, not an array",
+    "neither zarr nor TIFF": "fg.png is neither a zarr array nor a TIFF stack",
+    "unreadable TIFF": "fg.tif is not a readable TIFF: no image in it",
+    "TIFF of one image": "data.foreground: expected T x (Z) x Y x X, got shape (8, 8)",
+    "TIFF of 5 dimensions": "data.foreground: expected T x (Z) x Y x X",
+    "labels and arrays": "not both",
+    "foreground alone": "contours missing",
+    "no data": "give foreground and contours",
+    "empty labels": "empty list",
+    "float labels": "data.labels[0]: dtype float32",
+    "labels of two shapes": "data.labels[1]: shape (10, 4, 8)",
+    "labels of one frame": "tracking needs at least 2",
+}
+
+
 def _case(tmp: Path, movie: dict[str, Path], case: str) -> Path:
     return VALUES[case].write(tmp, movie) if case in VALUES else _named_case(tmp, movie, case)
 
 
 def _named_case(tmp: Path, movie: dict[str, Path], case: str) -> Path:
     grid, extra, base = EXAMPLE_GRID, "", "config:\n  segmentation: {max_area: 1000}\n"
-    m = dict(movie)
+    m, data = dict(movie), None
     if case == "unknown top-level key":
         extra = "colour: blue\n"
     elif case == "missing data":
@@ -141,6 +215,8 @@ def _named_case(tmp: Path, movie: dict[str, Path], case: str) -> Path:
         other = tmp / "small.zarr"
         zarr.save_array(str(other), np.zeros((3, 8, 8), dtype=np.float32))
         m["contours"] = other
+    elif case in INPUTS:
+        m, data = INPUTS[case](tmp, movie)
     elif case == "empty list":
         grid = "grid:\n  segmentation.min_area: []\n"
     elif case == "absurd grid":
@@ -175,7 +251,7 @@ def _named_case(tmp: Path, movie: dict[str, Path], case: str) -> Path:
         extra = "objective: accuracy\n"
     elif case == "invalid yaml":
         pass
-    spec = write_spec(tmp, m, name="bad", grid=grid, extra=extra, base=base)
+    spec = write_spec(tmp, m, name="bad", grid=grid, extra=extra, base=base, data=data)
     if case == "bad name":
         spec.write_text(spec.read_text().replace("name: bad", "name: my sweep!"))
     if case == "invalid yaml":
@@ -187,7 +263,7 @@ CASES = ["unknown top-level key", "missing data", "unreadable array", "shape mis
          "absurd grid", "unsweepable key", "execution key", "unknown ultrack key",
          "min_area above max_area", "bad literal", "bad type", "duplicate values", "bad base config",
          "missing base config file", "bad name", "sqlite with workers", "invalid yaml",
-         "objective without ground truth", "unknown objective", *VALUES]
+         "objective without ground truth", "unknown objective", *VALUES, *INPUTS]
 
 WHERE = {"unknown top-level key": "colour", "missing data": "data.foreground",
          "unreadable array": "data.contours", "shape mismatch": "shape", "empty list": "min_area",
@@ -198,7 +274,7 @@ WHERE = {"unknown top-level key": "colour", "missing data": "data.foreground",
          "missing base config file": "nothere.toml", "bad name": "name",
          "sqlite with workers": "workers", "invalid yaml": "bad.yaml:",
          "objective without ground truth": "need data.ground_truth", "unknown objective": "accuracy",
-         **{case: bad.where for case, bad in VALUES.items()}}
+         **{case: bad.where for case, bad in VALUES.items()}, **INPUTS_WHERE}
 
 
 @pytest.mark.parametrize("case", CASES)
