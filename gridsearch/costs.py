@@ -191,12 +191,15 @@ def branch_estimate(plan: Plan, costs: Mapping[Stage, StageCost], work: Workload
                     parallel: int) -> Estimate | None:
     """With `parallel` databases the branches overlap: the wall time is the simulated makespan of
     the engine's own scheduling (gridsearch.branches), each branch's stage runs getting an equal
-    share of the executor's parallelism (an upper bound when fewer branches are active)."""
+    share of the executor's parallelism (an upper bound when fewer branches are active). With
+    fewer slots than branches, the branches share them: a stage run on a share of 1/n slot takes
+    n times as long (the measured costs are per task on a slot of its own)."""
     serial = estimate(plan, costs, work)
     if serial is None or parallel <= 1 or not plan.pending:
         return serial
     share = dataclasses.replace(work, parallelism=max(1, work.parallelism // parallel))
+    slower = max(1.0, parallel / max(1, work.parallelism))
     window = plan.pending[0].trial.sections.get("tracking", {}).get("window_size")
-    walls = {s: stage_run(s, c, share, window)[0] for s, c in costs.items()}
+    walls = {s: slower * stage_run(s, c, share, window)[0] for s, c in costs.items()}
     sim = simulate([pt.trial for pt in plan.pending], parallel, walls)
     return Estimate(sim.makespan, serial.core_hours, serial.measured)

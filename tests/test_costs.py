@@ -17,6 +17,7 @@ from gridsearch.costs import (
     StageCost,
     Workload,
     batches_per_task,
+    branch_estimate,
     duration,
     estimate,
     frames_per_task,
@@ -200,3 +201,16 @@ def test_progress_eta_counts_the_stage_runs_still_to_come() -> None:
     eta.stage_done(Stage.SEGMENT, 120.0)
     eta.trial_finished()
     assert eta.seconds() == 2 * 10
+
+
+def test_branches_share_the_slots_when_there_are_fewer_slots_than_branches() -> None:
+    """2 x 1 x 3 grid, 1 frame a batch: with 6 slots, 3 branches at once finish sooner than one
+    at a time; with 1 slot they share it and gain nothing: each stage run takes 3 times as long."""
+    plan = make_plan(_trials(2, 3), {}, set())
+    wide, narrow = Workload(10, 1, 6, False), Workload(10, 1, 1, False)
+    one, three = branch_estimate(plan, FLAT, wide, 1), branch_estimate(plan, FLAT, wide, 3)
+    assert one is not None and three is not None and three.wall_s < one.wall_s
+    alone, shared = branch_estimate(plan, FLAT, narrow, 1), branch_estimate(plan, FLAT, narrow, 3)
+    assert alone is not None and shared is not None
+    assert shared.wall_s >= 0.9 * alone.wall_s  # no cores to gain from: no speed-up promised
+    assert shared.core_hours == alone.core_hours
