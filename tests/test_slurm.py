@@ -173,10 +173,10 @@ def test_permanent_failure_fails_the_trial_without_hanging(
     spec = write_spec(open_tmp, short_movie, name="slfail", grid=ONE, extra=SLURM)
     t0 = time.time()
     proc = _sweep(spec, {"GRIDSEARCH_FAIL": "link:1"})
-    _out, err = proc.communicate(timeout=180)
+    _out, err = proc.communicate(timeout=300)
     try:
         assert proc.returncode == 1, err
-        assert time.time() - t0 < 150
+        assert time.time() - t0 < 300  # a hang guard, not a speed test: a loaded 2-core machine took 154 s
         assert _live(spec) == [], "dependents of the failed array hang"
         df, rows = _ledger(spec)
     finally:
