@@ -42,7 +42,9 @@ def fail(msg: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
 
 
 def _load(spec: str) -> Sweep:
-    return load(spec)
+    """For every command but `sweep`, which validates with ultrack's models every time: an unchanged
+    config validated by an earlier sweep is taken from its record, without importing ultrack."""
+    return load(spec, trust=True)
 
 
 class _Group(click.Group):
@@ -116,7 +118,7 @@ def sweep(spec: str, restart: bool, quiet: bool) -> None:
     from gridsearch.engine import run_sweep
     from gridsearch.progress import RichReporter, Silent
 
-    sw = _load(spec)
+    sw = load(spec)
     console = _console()
     reporter = Silent() if quiet else RichReporter(console)
     out = run_sweep(sw, restart=restart, reporter=reporter)

@@ -31,6 +31,7 @@ from gridsearch.spec import SpecError, Sweep, Trial
 from gridsearch.stages import Stage, earliest_changed_stage, stage_phases
 from gridsearch.ultrackdb import UltrackDB
 from gridsearch.validate import check_writable
+from gridsearch.validated import write as record_validated
 from gridsearch.workspace import Workspace
 
 MAIN_DB = "main"
@@ -129,6 +130,8 @@ def run_sweep(sweep: Sweep, *, restart: bool = False, reporter: Reporter | None 
     with terminate_as_exit(), ws.lock(rep.message) as lease:
         if not sweep.full_identity:  # fingerprints of this workdir use the sampled data identity
             atomic_write(ws.root / IDENTITY_MARKER, "sampled\n")
+        if sweep.validated is not None:  # views of this config may now skip ultrack, zarr, tifffile
+            record_validated(ws.root, sweep.validated, sweep.headers.seen)
         if restart and (dest := archive(ws)):
             rep.message(f"previous results archived in {dest}")
         with open_backend(sweep, ws, notify=rep.message) as backend:

@@ -19,10 +19,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from gridsearch.core.bulk import gc_paused
 from gridsearch.inputs import (
-    array_identity,
+    Headers,
+    array_layout,
     check_ground_truth,
     full_array_identity,
-    open_array,
+    layout_identity,
     uses_full_identity,
 )
 from gridsearch.stages import (
@@ -42,6 +43,7 @@ from gridsearch.validate import (
     section_problem,
     workdir_problem,
 )
+from gridsearch.validated import Validated, digest, read
 
 MAX_TRIALS = 10_000  # default of the sweep file's max_trials
 # What a trial can be ranked by (all maximised): CTC metrics need ground truth.
@@ -159,6 +161,8 @@ class Sweep:
     trials: list[Trial]
     shape: tuple[int, ...] = field(default=())
     full_identity: bool = False  # a workdir older than the sampled data identity (inputs.py)
+    validated: Validated | None = None  # what ultrack's models made of it, for the workdir's record
+    headers: Headers = field(default_factory=Headers)  # what was read of the inputs, for the same
 
     @property
     def name(self) -> str:
@@ -330,17 +334,15 @@ def _check_options(sf: SweepFile, spec_path: Path) -> None:
         )
 
 
-def _resolve_data(sf: SweepFile, base: Path, spec_path: Path) -> tuple[str, tuple[int, ...]]:
-    """Resolve the paths and check them against each other (workdir, movie, ground truth); return
-    the data's identity and the movie's shape."""
-    sf.workdir = _resolve(base, sf.workdir)
-    problem = workdir_problem(sf.workdir)
-    if problem:
-        raise SpecError(f"{spec_path}: workdir: {problem}")
+def _resolve_data(sf: SweepFile, base: Path, spec_path: Path,
+                  headers: Headers) -> tuple[str, tuple[int, ...]]:
+    """Resolve the data paths and check them against each other (movie, ground truth); return the
+    data's identity and the movie's shape."""
     sf.data.foreground = _resolve(base, sf.data.foreground)
     sf.data.contours = _resolve(base, sf.data.contours)
-    fg, fg_shape = open_array(sf.data.foreground, "foreground", spec_path)
-    ct, ct_shape = open_array(sf.data.contours, "contours", spec_path)
+    fg = array_layout(sf.data.foreground, "foreground", spec_path, headers)
+    ct = array_layout(sf.data.contours, "contours", spec_path, headers)
+    fg_shape, ct_shape = fg.shape, ct.shape
     if fg_shape != ct_shape:
         raise SpecError(
             f"{spec_path}: data: foreground {fg_shape} and contours {ct_shape} must have the same shape"
@@ -349,15 +351,15 @@ def _resolve_data(sf: SweepFile, base: Path, spec_path: Path) -> tuple[str, tupl
         raise SpecError(f"{spec_path}: data.foreground: {fg_shape[0]} frame(s); tracking needs at least 2")
     if sf.data.ground_truth is not None:
         sf.data.ground_truth = _resolve(base, sf.data.ground_truth)
-        check_ground_truth(sf.data.ground_truth, fg_shape, sf.objective, spec_path)
-    identity = full_array_identity if uses_full_identity(sf.workdir) else array_identity
+        check_ground_truth(sf.data.ground_truth, fg_shape, sf.objective, spec_path, headers)
+    identity = full_array_identity if uses_full_identity(sf.workdir) else layout_identity
     fg_id = identity(sf.data.foreground, fg)
     ct_id = identity(sf.data.contours, ct)
     return hashlib.sha256(f"{fg_id}:{ct_id}".encode()).hexdigest(), fg_shape
 
 
 def _expand(grid: dict[str, list[Any]], base_raw: dict[str, Any], data_identity: str,
-            spec_path: Path, batching: tuple[int, int]) -> list[Trial]:
+            spec_path: Path, batching: tuple[int, int], validated: Validated | None = None) -> list[Trial]:
     """The cartesian product, each trial validated by ultrack's models and by ours, every stage
     with at least one batch for `batching` (frames, frames per batch); no two alike.
 
@@ -365,7 +367,10 @@ def _expand(grid: dict[str, list[Any]], base_raw: dict[str, Any], data_identity:
     validator; section_problem and batch_problem neither), so a trial whose three sections were
     each seen in an earlier valid trial is valid too: only a trial with an unseen section is
     validated, in full and as before, so the first bad trial raises the same line. Per-stage
-    fingerprints are computed once per distinct prefix: 100,000 trials plan in about a second."""
+    fingerprints are computed once per distinct prefix: 100,000 trials plan in about a second.
+
+    `validated`: a trusted record gives each new section instead of ultrack's models (ours still
+    check it); otherwise what the models make of each new section is noted in it."""
     keys = list(grid)
     values = [grid[k] for k in keys]
     pick = {s: _picker([i for i, k in enumerate(keys) if k.partition(".")[0] == s]) for s in SWEEPABLE}
@@ -378,13 +383,25 @@ def _expand(grid: dict[str, list[Any]], base_raw: dict[str, Any], data_identity:
     prefixes: dict[tuple[Any, Any], _Prefix] = {}
     tracks: dict[Any, tuple[dict[str, Any], bytes]] = {}
 
-    def new_sections(params: dict[str, Any], ks: Any, kl: Any, kt: Any) -> None:
+    positions = {s: [(k, i) for i, k in enumerate(keys) if k.partition(".")[0] == s] for s in SWEEPABLE}
+
+    def section(name: str, params: dict[str, Any], idx: tuple[int, ...]) -> dict[str, Any] | None:
+        swept = {k: idx[i] for k, i in positions[name]}
+        if validated is not None and validated.trusted:
+            sec = validated.section(name, swept)
+            return None if section_problem({name: sec}) else sec
+        sec = _valid_section(name, base_raw, params)
+        if sec is not None and validated is not None:
+            validated.record(name, swept, sec)
+        return sec
+
+    def new_sections(params: dict[str, Any], idx: tuple[int, ...], ks: Any, kl: Any, kt: Any) -> None:
         seg, link, track = seg_cache.get(ks), link_cache.get(kl), track_cache.get(kt)
         if seg is None:
-            seg = _valid_section("segmentation", base_raw, params)
+            seg = section("segmentation", params, idx)
         if link is None:
-            link = _valid_section("linking", base_raw, params)
-        if track is None and (track := _valid_section("tracking", base_raw, params)) is not None:
+            link = section("linking", params, idx)
+        if track is None and (track := section("tracking", params, idx)) is not None:
             track = None if batch_problem({"tracking": track}, *batching) else track
         if seg is None or link is None or track is None:
             _validate_trial(params, base_raw, spec_path, batching)  # raises the line naming the trial
@@ -408,7 +425,7 @@ def _expand(grid: dict[str, list[Any]], base_raw: dict[str, Any], data_identity:
         pk, kt = (pick_seg(idx), pick_link(idx)), pick_track(idx)
         prefix, tr = prefixes.get(pk), tracks.get(kt)
         if prefix is None or tr is None:
-            new_sections(params, *pk, kt)
+            new_sections(params, idx, *pk, kt)
             prefix, tr = prefixes[pk], tracks[kt]
         seg, link, fs, fl, solve_of = prefix
         track, tj = tr
@@ -481,8 +498,11 @@ def _validate_trial(params: dict[str, Any], base_raw: dict[str, Any], spec_path:
     return sections
 
 
-def load(path: str | Path) -> Sweep:
-    """Everything is checked here, before any file or database is touched."""
+def load(path: str | Path, *, trust: bool = False) -> Sweep:
+    """Everything is checked here, before any file or database is touched. `trust`: take what
+    ultrack's models would make of the config from the workdir's record when it is the record of
+    this very config, and the inputs' headers while their files are unchanged (validated.py),
+    rather than importing ultrack, zarr and tifffile; views do, `sweep` never."""
     spec_path = Path(path)
     raw = _read_yaml(spec_path)
     try:
@@ -492,15 +512,29 @@ def load(path: str | Path) -> Sweep:
     base = spec_path.resolve().parent
     _check_grid(sf.grid, sf.max_trials, spec_path)
     _check_options(sf, spec_path)
-    data_identity, shape = _resolve_data(sf, base, spec_path)
+    sf.workdir = _resolve(base, sf.workdir)
+    if problem := workdir_problem(sf.workdir):
+        raise SpecError(f"{spec_path}: workdir: {problem}")
+    record = read(sf.workdir) if trust else None
+    headers = Headers(record.headers if record else None)
+    data_identity, shape = _resolve_data(sf, base, spec_path, headers)
     base_raw = _load_base_config(sf.config, base, spec_path)
     unknown = set(base_raw) - set(SWEEPABLE) - {"data"}
     if unknown:
         raise SpecError(f"{spec_path}: config.{sorted(unknown)[0]}: unknown ultrack config section")
     base_raw.pop("data", None)  # gridsearch owns [data]: where each database lives
-    base_sections = _validate_sections(base_raw, f"{spec_path}: config.")
-    sweep = Sweep(spec_path, sf, base_sections, data_identity, [], shape, uses_full_identity(sf.workdir))
+    fed = digest(base_raw, sf.grid)
+    validated = record.config(fed) if record else None
+    if validated is not None:
+        base_sections = validated.base
+        if problem := section_problem(base_sections):
+            raise SpecError(f"{spec_path}: config.{problem}")
+    else:
+        base_sections = _validate_sections(base_raw, f"{spec_path}: config.")
+        validated = Validated.start(fed, base_sections, sf.grid)
+    sweep = Sweep(spec_path, sf, base_sections, data_identity, [], shape, uses_full_identity(sf.workdir),
+                  validated, headers)
     batching = (shape[0], sweep.executor.frames_per_batch)
     with gc_paused():
-        sweep.trials = _expand(sf.grid, base_raw, data_identity, spec_path, batching)
+        sweep.trials = _expand(sf.grid, base_raw, data_identity, spec_path, batching, validated)
     return sweep
