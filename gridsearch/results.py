@@ -136,10 +136,14 @@ def state(rec: TrialRecord | None) -> str:
 
 def table(sweep: Sweep, ledger: Ledger) -> pd.DataFrame:
     """One row per trial of the current grid, in grid order; figures empty where not computed."""
-    import pandas as pd
+    return frame(rows(sweep, ledger))
 
+
+def rows(sweep: Sweep, ledger: Ledger) -> list[dict[str, Any]]:
+    """The table's rows as plain dicts (a column a trial has no value for is absent from its row):
+    what `results` shows and `best` ranks, without pandas."""
     recs = ledger.records()
-    rows: list[dict[str, Any]] = []
+    out: list[dict[str, Any]] = []
     for t in sweep.trials:
         rec = recs.get(t.key)
         attrs: Mapping[str, Any] = rec.attrs if rec else {}
@@ -164,8 +168,19 @@ def table(sweep: Sweep, ledger: Ledger) -> pd.DataFrame:
         row["solver"] = attrs.get("solver")
         row["ultrack"] = attrs.get("ultrack")
         row["gridsearch"] = attrs.get("gridsearch")
-        rows.append(row)
-    df = pd.DataFrame(rows)
+        out.append(row)
+    return out
+
+
+def columns(rows: list[dict[str, Any]]) -> list[str]:
+    """Every column of the rows, in the order they first appear (as pandas makes them)."""
+    return list(dict.fromkeys(k for r in rows for k in r))
+
+
+def frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    import pandas as pd
+
+    df = pd.DataFrame(rows, columns=columns(rows))
     for col in [*TIMES, "objective"]:
         df[col] = pd.to_numeric(df[col], errors="coerce")
     return df
