@@ -115,13 +115,12 @@ def main() -> None:
 def sweep(spec: str, restart: bool, quiet: bool) -> None:
     """Run the sweep, or resume it where it stopped."""
     from gridsearch.engine import run_sweep
-    from gridsearch.progress import RichReporter, Silent
+    from gridsearch.progress import Silent, for_console
 
     sw = load(spec)
-    console = _console()
-    reporter = Silent() if quiet else RichReporter(console)
-    out = run_sweep(sw, restart=restart, reporter=reporter)
-    console.print(
+    shown = for_console(_console())  # a live display, or timestamped lines in a job log
+    out = run_sweep(sw, restart=restart, reporter=Silent() if quiet else shown)
+    shown.message(
         f"{out.completed} completed, {out.failed} failed, {out.skipped} already done; stage runs: "
         + ", ".join(f"{s.label} {out.stage_runs[s]}" for s in Stage)
         + f"; {out.wall_s:.1f} s"

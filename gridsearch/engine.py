@@ -82,16 +82,16 @@ class _StageEvents:
     def stage_started(self, stage: Stage, n_batches: int) -> None:
         phase("stage", self.trial.key, stage.label)
         self.ledger.start_stage(self.runs[stage], n_batches)
-        self.reporter.stage_started(stage, n_batches)
+        self.reporter.stage_started(stage, n_batches, self.trial)
 
     def batch_done(self, stage: Stage, batch: int) -> None:
-        self.reporter.batch_done(stage, batch)
+        self.reporter.batch_done(stage, batch, self.trial)
 
     def stage_done(self, stage: Stage) -> None:
         wall = self.ledger.finish_stage(self.runs[stage], self.db.name, stage,
                                         self.trial.fingerprints[stage])
         self.walls[stage] = wall
-        self.reporter.stage_done(stage, wall)
+        self.reporter.stage_done(stage, wall, self.trial)
 
     def failed(self, reason: str) -> None:
         unfinished = [run for stage, run in self.runs.items() if stage not in self.walls]
