@@ -2,10 +2,11 @@
 unchanged sweep need not import ultrack (4-6 s: its package imports torch) to validate it again.
 
 `sweep` validates everything with ultrack's models and records, in `workdir/validated.json`, a digest
-of exactly what those models were given (the base config's sections and the grid, as parsed, and
-ultrack's version) with what they made of it: the base sections and each grid value as dumped. A
-later command whose digest matches rebuilds every trial's sections from the record; any difference,
-however small, and the command validates with ultrack's models again. gridsearch's own rules
+of exactly what those models were given (the base config's sections and the grid, as parsed) and of
+the models themselves (their files, pydantic's version), with what they made of it: the base sections
+and each grid value as dumped. A later command whose digest matches rebuilds every trial's sections
+from the record; any difference, however small, and the command validates with ultrack's models
+again. gridsearch's own rules
 (validate.py) are not recorded: they run on every command. The record also keeps the inputs'
 headers (inputs.Headers), trusted while their files keep their size and mtime."""
 
@@ -13,10 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -27,17 +28,21 @@ RECORD = "validated.json"  # in the workdir
 FORMAT = 1
 
 
-def ultrack_version() -> str:
-    """From the installed metadata: asking ultrack itself would import it."""
-    try:
-        return version("ultrack")
-    except PackageNotFoundError:
+def ultrack_models() -> str:
+    """Which config models validate here: the size and mtime of ultrack's files that define them,
+    found without importing ultrack (importlib.metadata alone costs 60 ms), and pydantic's version."""
+    import pydantic
+
+    spec = importlib.util.find_spec("ultrack")
+    if spec is None or spec.origin is None:
         return "none"
+    files = sorted((Path(spec.origin).parent / "config").glob("*.py"))
+    return pydantic.VERSION + "".join(f"\n{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
 
 
 def digest(base_raw: Mapping[str, Any], grid: Mapping[str, list[Any]]) -> str:
     """What ultrack's models are given for a sweep, and which models: equal digests, equal results."""
-    doc = {"format": FORMAT, "ultrack": ultrack_version(), "base": base_raw, "grid": grid}
+    doc = {"format": FORMAT, "ultrack": ultrack_models(), "base": base_raw, "grid": grid}
     return hashlib.sha256(canonical_json(doc).encode()).hexdigest()
 
 

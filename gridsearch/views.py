@@ -147,7 +147,7 @@ def plan_table(rows: list[dict[str, Any]], sweep: Sweep, width: int) -> tuple[Ta
               "first_stage": "done" if row["done"] else row["first_stage"]} for i, row in enumerate(rows, 1)]
     fitted = screen.fit(columns, cells, width, names)
     line = fitted.left_out_line()
-    return fitted.table, [line] if line else []
+    return fitted.table, [f"{line}; every column: --json"] if line else []
 
 
 def _cell(v: Any, rounded: bool = True) -> str:
