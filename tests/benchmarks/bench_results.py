@@ -45,7 +45,6 @@ def build(root: Path, n: int) -> Path:
     from gridsearch.ledger import Ledger
     from gridsearch.spec import load
     from gridsearch.synth import generate_movie
-    from gridsearch.validated import write as write_record
     from gridsearch.workspace import Workspace
 
     movie = generate_movie(root / "movie")
@@ -61,7 +60,6 @@ def build(root: Path, n: int) -> Path:
     ws.root.mkdir(parents=True)
     (ws.root / IDENTITY_MARKER).write_text("sampled\n")  # as a sweep does first: the trial keys
     sw = load(spec)
-    write_record(ws.root, sw.validated, sw.headers.seen)  # as a sweep does: views need no ultrack
     with open_backend(sw, ws) as backend:
         led = Ledger(backend.ledger_url, sw.name, backend.engine_kwargs)
         try:
@@ -127,8 +125,10 @@ def main() -> None:
     from gridsearch import results
     from gridsearch.engine import existing_ledger
     from gridsearch.spec import load
+    from gridsearch.validated import write as write_record
 
     sw = load(spec)
+    write_record(sw.workdir, sw.validated, sw.headers.seen)  # as a sweep does: views need no ultrack
     t0 = time.perf_counter()
     with existing_ledger(sw) as led:
         assert led is not None
