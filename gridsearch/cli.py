@@ -11,7 +11,6 @@ from typing import Any, NoReturn
 
 import click
 from rich.console import Console
-from rich.table import Table
 
 from gridsearch.core.errors import (
     EXIT_BAD_INPUT,
@@ -42,7 +41,9 @@ def fail(msg: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
 
 
 def _load(spec: str) -> Sweep:
-    return load(spec)
+    """For every command but `sweep`, which validates with ultrack's models every time: an unchanged
+    config validated by an earlier sweep is taken from its record, without importing ultrack."""
+    return load(spec, trust=True)
 
 
 class _Group(click.Group):
@@ -142,13 +143,12 @@ def init(config: str | None, foreground: str | None, contours: str | None, label
 def sweep(spec: str, restart: bool, quiet: bool) -> None:
     """Run the sweep, or resume it where it stopped."""
     from gridsearch.engine import run_sweep
-    from gridsearch.progress import RichReporter, Silent
+    from gridsearch.progress import Silent, for_console
 
-    sw = _load(spec)
-    console = _console()
-    reporter = Silent() if quiet else RichReporter(console)
-    out = run_sweep(sw, restart=restart, reporter=reporter)
-    console.print(
+    sw = load(spec)
+    shown = for_console(_console())  # a live display, or timestamped lines in a job log
+    out = run_sweep(sw, restart=restart, reporter=Silent() if quiet else shown)
+    shown.message(
         f"{out.completed} completed, {out.failed} failed, {out.skipped} already done; stage runs: "
         + ", ".join(f"{s.label} {out.stage_runs[s]}" for s in Stage)
         + f"; {out.wall_s:.1f} s"
@@ -198,14 +198,12 @@ def plan(spec: str, as_json: bool, nodes: int | None, cpus_per_node: int) -> Non
         click.echo(json.dumps({"trials": rows, **totals, "estimate": views.estimate_doc(est),
                                "branches": fan}, indent=1))
         return
-    t = Table(title=f"{sw.name}: {len(p.trials)} trials")
-    for col in ["#", "trial", *sw.grid_keys, "first_stage"]:
-        t.add_column(col)
-    for i, row in enumerate(rows, 1):
-        t.add_row(str(i), row["trial"], *(str(row["params"][k]) for k in sw.grid_keys),
-                  "done" if row["done"] else row["first_stage"])
     c = _console()
-    c.print(t)
+    c.print(f"{sw.name}: {len(p.trials)} trials")
+    table, notes = views.plan_table(rows, sw, c.width)
+    c.print(table)
+    for line in notes:
+        c.print(line, highlight=False)
     for i, row in enumerate(rows, 1):
         for line in row.get("jobs", []):
             c.print(f"  {i:>3} {row['trial']} {line}")
@@ -253,21 +251,26 @@ def status(spec: str, as_json: bool) -> None:
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help=".csv, .parquet, .json or .md")
 @click.option("--sort", "sort_by", help="Column to sort by (descending for the objective).")
 @click.option("--top", type=int, help="Keep the first K rows.")
-def results(spec: str, output: str | None, sort_by: str | None, top: int | None) -> None:
+@click.option("--all", "every", is_flag=True, help="On screen: every column that fits, beyond the main ones.")
+def results(spec: str, output: str | None, sort_by: str | None, top: int | None, every: bool) -> None:
     """One row per trial: parameters, state, stage times, figures, metrics, provenance."""
     from gridsearch import results as res
     from gridsearch import views
 
     sw = _load(spec)
-    df = views.sorted_rows(views.results_table(sw), sw, sort_by, top)
+    rows = views.sorted_rows(views.results_rows(sw), sw, sort_by, top)
     if not output:
-        _console().print(views.screen_table(df, sw))
+        c = _console()
+        table, notes = views.screen_table(rows, sw, c.width, every)
+        c.print(table)
+        for line in notes:
+            c.print(line, highlight=False)
         return
     try:
-        res.write(df, Path(output))
+        res.write(res.frame(rows), Path(output))
     except ValueError as e:
         fail(str(e))
-    click.echo(f"{len(df)} rows written to {output}")
+    click.echo(f"{len(rows)} rows written to {output}")
 
 
 @main.command()
@@ -276,14 +279,15 @@ def results(spec: str, output: str | None, sort_by: str | None, top: int | None)
 @click.option("--objective", help="Rank by this column instead of the sweep's objective.")
 def best(spec: str, output: str | None, objective: str | None) -> None:
     """The best trial's complete ultrack config, ready for the full dataset, and why it won."""
+    from gridsearch import results as res
     from gridsearch import views
     from gridsearch.best import best_config_toml, best_trial, why
 
     sw = _load(spec)
-    df = views.results_table(sw)
-    obj = views.objective_column(df, sw, objective)
+    rows = views.results_rows(sw)
+    obj = views.objective_column(res.columns(rows), sw, objective)
     try:
-        row = best_trial(df, obj)
+        row = best_trial(rows, obj)
         text = best_config_toml(row)
     except ValueError as e:
         fail(str(e), EXIT_FAILED)
@@ -291,7 +295,7 @@ def best(spec: str, output: str | None, objective: str | None) -> None:
         Path(output).write_text(text)
     else:
         click.echo(text)
-    click.echo(why(row, df, obj, sw.grid_keys), err=bool(not output))
+    click.echo(why(row, rows, obj, sw.grid_keys), err=bool(not output))
 
 
 @main.command()
@@ -307,7 +311,7 @@ def plot(spec: str, out_dir: str, objective: str | None) -> None:
     sw = _load(spec)
     with views.ledger_of(sw) as led:
         df = res.table(sw, led)
-        obj = views.objective_column(df, sw, objective)
+        obj = views.objective_column(list(df.columns), sw, objective)
         try:
             files = plot_all(df, led.study, sw.grid_keys, obj, Path(out_dir))
         except ValueError as e:  # no trial has the objective yet

@@ -31,6 +31,7 @@ from gridsearch.spec import SpecError, Sweep, Trial
 from gridsearch.stages import Stage, earliest_changed_stage, stage_phases
 from gridsearch.ultrackdb import UltrackDB
 from gridsearch.validate import check_writable
+from gridsearch.validated import write as record_validated
 from gridsearch.workspace import Workspace
 
 MAIN_DB = "main"
@@ -81,16 +82,16 @@ class _StageEvents:
     def stage_started(self, stage: Stage, n_batches: int) -> None:
         phase("stage", self.trial.key, stage.label)
         self.ledger.start_stage(self.runs[stage], n_batches)
-        self.reporter.stage_started(stage, n_batches)
+        self.reporter.stage_started(stage, n_batches, self.trial)
 
     def batch_done(self, stage: Stage, batch: int) -> None:
-        self.reporter.batch_done(stage, batch)
+        self.reporter.batch_done(stage, batch, self.trial)
 
     def stage_done(self, stage: Stage) -> None:
         wall = self.ledger.finish_stage(self.runs[stage], self.db.name, stage,
                                         self.trial.fingerprints[stage])
         self.walls[stage] = wall
-        self.reporter.stage_done(stage, wall)
+        self.reporter.stage_done(stage, wall, self.trial)
 
     def failed(self, reason: str) -> None:
         unfinished = [run for stage, run in self.runs.items() if stage not in self.walls]
@@ -129,6 +130,8 @@ def run_sweep(sweep: Sweep, *, restart: bool = False, reporter: Reporter | None 
     with terminate_as_exit(), ws.lock(rep.message) as lease:
         if not sweep.full_identity:  # fingerprints of this workdir use the sampled data identity
             atomic_write(ws.root / IDENTITY_MARKER, "sampled\n")
+        if sweep.validated is not None:  # views of this config may now skip ultrack, zarr, tifffile
+            record_validated(ws.root, sweep.validated, sweep.headers.seen)
         if restart and (dest := archive(ws)):
             rep.message(f"previous results archived in {dest}")
         with open_backend(sweep, ws, notify=rep.message) as backend:

@@ -6,22 +6,23 @@ its last batch committed, so a half-done stage always reads as "must be cleared 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import socket
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import optuna
 import sqlalchemy as sa
 
 from gridsearch.schema import batch_t, db_state_t, ensure, meta_t, stage_run_t
 from gridsearch.spec import Trial
 from gridsearch.stages import Stage, start_label
 
-optuna.logging.set_verbosity(optuna.logging.WARNING)
+if TYPE_CHECKING:
+    import optuna
 
 _FP_COL = {Stage.SEGMENT: "segment_fp", Stage.LINK: "link_fp", Stage.SOLVE: "solve_fp"}
 
@@ -55,17 +56,32 @@ class Ledger:
             # One driver writes; the status command may read concurrently: wait instead of failing.
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
         ensure(self.engine, migrate=not read_only, where=study_name)
-        storage = optuna.storages.RDBStorage(url, engine_kwargs=kw or None)
-        self.storage = storage
-        self.study = optuna.create_study(
-            storage=storage, study_name=study_name, direction="maximize", load_if_exists=True
-        )
+        self.study_name, self._engine_kwargs = study_name, kw
         self._records: dict[str, TrialRecord] | None = None
+        if not read_only:
+            self.study  # noqa: B018  the driver creates the study (and optuna's tables) up front
+
+    @functools.cached_property
+    def storage(self) -> optuna.storages.RDBStorage:
+        """Opened on first use: a view reads optuna's tables with SQL (records), and importing and
+        opening optuna costs about 0.5 s of every `status`."""
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        return optuna.storages.RDBStorage(self.url, engine_kwargs=self._engine_kwargs or None)
+
+    @functools.cached_property
+    def study(self) -> optuna.Study:
+        import optuna
+
+        return optuna.create_study(storage=self.storage, study_name=self.study_name, direction="maximize",
+                                   load_if_exists=True)
 
     def close(self) -> None:
         self.engine.dispose()
-        self.storage.remove_session()
-        self.storage.engine.dispose()
+        if "storage" in self.__dict__:
+            self.storage.remove_session()
+            self.storage.engine.dispose()
 
     # ---- meta -------------------------------------------------------------------------------
     def get_meta(self, key: str) -> str | None:
@@ -273,9 +289,11 @@ class Ledger:
         optuna's tables: optuna builds a FrozenTrial per trial, with its params and distributions,
         in 8.5 s for 10,000 trials (tests/benchmarks/bench_results.py); this takes about 1 s. Compared
         with the optuna path in tests/test_sweep_sqlite.py."""
-        sid = self.study._study_id
         attrs: dict[int, dict[str, Any]] = {}
         with self.engine.connect() as c:
+            sid = self._study_id(c)
+            if sid is None:
+                return {}
             trials = c.execute(
                 sa.select(_trials.c.trial_id, _trials.c.number, _trials.c.state, _trials.c.datetime_start,
                           _trials.c.datetime_complete, _values.c.value, _values.c.value_type)
@@ -310,6 +328,15 @@ class Ledger:
             )
         return out
 
+    def _study_id(self, c: sa.Connection) -> int | None:
+        """The study's id without opening optuna; None before the driver created it."""
+        if "study" in self.__dict__:
+            return self.study._study_id
+        if not sa.inspect(c).has_table("studies"):
+            return None
+        name = _studies.c.study_name == self.study_name
+        return c.execute(sa.select(_studies.c.study_id).where(name)).scalar()
+
     def _remember(self, ft: optuna.trial.FrozenTrial) -> None:
         key = ft.user_attrs.get("key")
         if key is None or self._records is None:
@@ -320,7 +347,7 @@ class Ledger:
             state=ft.state.name,
             params=json.loads(ft.user_attrs.get("params_json", "{}")),
             attrs=dict(ft.user_attrs),
-            value=ft.value if ft.state == optuna.trial.TrialState.COMPLETE else None,
+            value=ft.value if ft.state.name == "COMPLETE" else None,
             started=ft.datetime_start,
             finished=ft.datetime_complete,
         )
@@ -337,6 +364,8 @@ class Ledger:
         rec = self.records().get(trial.key)
         if rec is not None and rec.state == "RUNNING":
             return rec.number
+        import optuna
+
         params, dists = _optuna_params(trial.params, grid)
         ft = optuna.trial.create_trial(
             state=optuna.trial.TrialState.RUNNING,
@@ -370,6 +399,8 @@ class Ledger:
         self._refresh(trial_id)
 
     def fail_trial(self, number: int, error: str) -> None:
+        import optuna
+
         trial_id = self._trial_id(number)
         self.storage.set_trial_user_attr(trial_id, "error", error[:2000])
         self.study.tell(number, state=optuna.trial.TrialState.FAIL)
@@ -383,6 +414,8 @@ class Ledger:
 # here, not reflected, so a read costs no schema queries. Unqualified: the engine's search_path
 # (an existing PostgreSQL server) names the sweep's schema.
 _optuna_md = sa.MetaData()
+_studies = sa.Table("studies", _optuna_md, sa.Column("study_id", sa.Integer, primary_key=True),
+                    sa.Column("study_name", sa.String))
 _trials = sa.Table("trials", _optuna_md, sa.Column("trial_id", sa.Integer, primary_key=True),
                    sa.Column("number", sa.Integer), sa.Column("study_id", sa.Integer),
                    sa.Column("state", sa.String), sa.Column("datetime_start", sa.DateTime),
@@ -416,6 +449,8 @@ def _optuna_params(
     params: Mapping[str, Any], grid: Mapping[str, list[Any]]
 ) -> tuple[dict[str, Any], dict[str, optuna.distributions.BaseDistribution]]:
     """Numeric keys become ranges (which may grow with the grid); others categorical."""
+    import optuna
+
     out: dict[str, Any] = {}
     dists: dict[str, optuna.distributions.BaseDistribution] = {}
     for key, value in params.items():

@@ -313,7 +313,7 @@ def plot_all(
     out_dir.mkdir(parents=True, exist_ok=True)
     keys = [k for k in grid_keys if k in df.columns]
     try:
-        best_key: str | None = str(best_trial(df, objective)["trial"])
+        best_key: str | None = str(best_trial(df.to_dict("records"), objective)["trial"])
     except ValueError:
         best_key = None
     files: list[Path] = []

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import statistics
+import time
 from collections import Counter
-from typing import Any, Protocol
+from typing import IO, Any, Protocol
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -18,9 +19,9 @@ from gridsearch.stages import Stage, start_label
 class Reporter(Protocol):
     def sweep_started(self, plan: Plan) -> None: ...
     def trial_started(self, k: int, n: int, trial: Trial, first_stage: Stage | None) -> None: ...
-    def stage_started(self, stage: Stage, n_batches: int) -> None: ...
-    def batch_done(self, stage: Stage, batch: int) -> None: ...
-    def stage_done(self, stage: Stage, wall_s: float) -> None: ...
+    def stage_started(self, stage: Stage, n_batches: int, trial: Trial | None = None) -> None: ...
+    def batch_done(self, stage: Stage, batch: int, trial: Trial | None = None) -> None: ...
+    def stage_done(self, stage: Stage, wall_s: float, trial: Trial | None = None) -> None: ...
     def trial_finished(self, trial: Trial, ok: bool, note: str) -> None: ...
     def message(self, text: str) -> None: ...
     def close(self) -> None: ...
@@ -33,8 +34,25 @@ class Silent:
         return lambda *a, **k: None
 
 
+def for_console(console: Console) -> Reporter:
+    """The live display on a terminal; without one (a SLURM job's log, nohup, a pipe) one line per
+    event, which rich would otherwise wrap at 80 columns and redraw."""
+    return RichReporter(console) if console.is_terminal else LogReporter(console.file)
+
+
 def _params(trial: Trial) -> str:
     return " ".join(f"{k.split('.', 1)[1]}={v}" for k, v in trial.params.items())
+
+
+def _plan_line(plan: Plan) -> str:
+    runs = plan.stage_runs()
+    done = len(plan.trials) - len(plan.pending)
+    return (f"{len(plan.trials)} trials ({done} already done); stage runs planned: "
+            + ", ".join(f"{s.label} {runs[s]}" for s in Stage) + f" (naive: {plan.naive_runs})")
+
+
+def _trial_line(k: int, n: int, trial: Trial, first_stage: Stage | None) -> str:
+    return f"trial {k}/{n} {trial.key}: {_params(trial)} (from {start_label(first_stage)})"
 
 
 class Eta:
@@ -96,13 +114,8 @@ class RichReporter:
         self.eta = Eta()
 
     def sweep_started(self, plan: Plan) -> None:
-        runs = plan.stage_runs()
         done = len(plan.trials) - len(plan.pending)
-        self.console.print(
-            f"{len(plan.trials)} trials ({done} already done); stage runs planned: "
-            + ", ".join(f"{s.label} {runs[s]}" for s in Stage)
-            + f" (naive: {plan.naive_runs})"
-        )
+        self.console.print(_plan_line(plan))
         self.eta.planned(plan)
         self.progress.start()
         self.trials_task = self.progress.add_task("trials", total=len(plan.trials), completed=done, eta="")
@@ -111,17 +124,17 @@ class RichReporter:
         start = start_label(first_stage)
         self.eta.trial_started(first_stage)
         self.progress.update(self.trials_task, description=f"trial {k}/{n} {trial.key} from {start}")
-        self.progress.console.print(f"[dim]trial {k}/{n} {trial.key}: {_params(trial)} (from {start})")
+        self.progress.console.print(f"[dim]{_trial_line(k, n, trial, first_stage)}")
 
-    def stage_started(self, stage: Stage, n_batches: int) -> None:
+    def stage_started(self, stage: Stage, n_batches: int, trial: Trial | None = None) -> None:
         if self.stage_task is not None:
             self.progress.remove_task(self.stage_task)
         self.stage_task = self.progress.add_task(f"  {stage.label} batches", total=n_batches, eta="")
 
-    def batch_done(self, stage: Stage, batch: int) -> None:
+    def batch_done(self, stage: Stage, batch: int, trial: Trial | None = None) -> None:
         self.progress.advance(self.stage_task)
 
-    def stage_done(self, stage: Stage, wall_s: float) -> None:
+    def stage_done(self, stage: Stage, wall_s: float, trial: Trial | None = None) -> None:
         self.eta.stage_done(stage, wall_s)
         self.progress.update(self.trials_task, eta=self.eta.text())
 
@@ -140,3 +153,65 @@ class RichReporter:
             self.progress.remove_task(self.stage_task)
             self.stage_task = None
         self.progress.stop()
+
+
+class LogReporter:
+    """For a job log: one line per event, starting with the date and time, never wrapped, never
+    redrawn. Batches are not one line each (a 225-frame movie has 225 per stage): a stage's progress
+    is said at most once a minute, and its end with its wall time. A line names the trial, since
+    with `parallel` the stages of several trials interleave."""
+
+    PROGRESS_EVERY_S = 60.0
+
+    def __init__(self, out: IO[str]) -> None:
+        self.out = out
+        self.eta = Eta()
+        self.total = 0
+        self.finished = 0
+        self.batches: dict[tuple[str, Stage], tuple[int, int, float]] = {}  # -> done, total, last said
+
+    def _line(self, text: str) -> None:
+        self.out.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {' | '.join(text.splitlines())}\n")
+        self.out.flush()
+
+    def sweep_started(self, plan: Plan) -> None:
+        self.total, self.finished = len(plan.trials), len(plan.trials) - len(plan.pending)
+        self.eta.planned(plan)
+        self._line(_plan_line(plan))
+
+    def trial_started(self, k: int, n: int, trial: Trial, first_stage: Stage | None) -> None:
+        self.eta.trial_started(first_stage)
+        self._line(_trial_line(k, n, trial, first_stage))
+
+    def stage_started(self, stage: Stage, n_batches: int, trial: Trial | None = None) -> None:
+        key = trial.key if trial else ""
+        self.batches[key, stage] = (0, n_batches, time.monotonic())
+        self._line(f"{key} {stage.label}: {n_batches} batch{'' if n_batches == 1 else 'es'}".lstrip())
+
+    def batch_done(self, stage: Stage, batch: int, trial: Trial | None = None) -> None:
+        key = trial.key if trial else ""
+        done, total, said = self.batches.get((key, stage), (0, 0, time.monotonic()))
+        done += 1
+        if time.monotonic() - said >= self.PROGRESS_EVERY_S and done < total:
+            said = time.monotonic()
+            self._line(f"{key} {stage.label}: {done}/{total} batches".lstrip())
+        self.batches[key, stage] = (done, total, said)
+
+    def stage_done(self, stage: Stage, wall_s: float, trial: Trial | None = None) -> None:
+        key = trial.key if trial else ""
+        self.batches.pop((key, stage), None)
+        self.eta.stage_done(stage, wall_s)
+        self._line(f"{key} {stage.label} done in {wall_s:.1f} s".lstrip())
+
+    def trial_finished(self, trial: Trial, ok: bool, note: str) -> None:
+        self.eta.trial_finished()
+        self.finished += 1
+        eta = f"; {self.eta.text()}" if self.eta.text() else ""
+        what = "done" if ok else f"failed: {note}"
+        self._line(f"trial {trial.key} {what} ({self.finished}/{self.total} finished{eta})")
+
+    def message(self, text: str) -> None:
+        self._line(text)
+
+    def close(self) -> None:
+        pass

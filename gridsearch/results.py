@@ -8,16 +8,16 @@ import shutil
 import threading
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from gridsearch.core.files import atomic_write
 from gridsearch.core.trace import phase
-from gridsearch.ledger import Ledger
+from gridsearch.ledger import Ledger, TrialRecord
 from gridsearch.spec import Sweep
 from gridsearch.stages import Stage
+
+if TYPE_CHECKING:  # pandas is imported where a table is made: `status` and `plan` need none (0.6 s)
+    import pandas as pd
 
 FIGURES = [
     "selected_nodes",
@@ -34,6 +34,8 @@ def warm_up_in_background() -> threading.Thread:
     """ultrack's track-id code is numba-jitted without a disk cache: the first export in a process
     pays ~3 s of compilation. Compiling on a tiny lineage in a thread overlaps that with the first
     stage run, which spends its time in C code (measured in tests/benchmarks/bench_sweep.py)."""
+    import numpy as np
+    import pandas as pd
 
     def compile_() -> None:
         with contextlib.suppress(Exception):  # only an optimisation: the export compiles anyway
@@ -124,18 +126,30 @@ def summarize(tracks: pd.DataFrame, n_frames: int) -> dict[str, float]:
     }
 
 
+_STATES = {"COMPLETE": "done", "FAIL": "failed", "RUNNING": "running"}
+
+
+def state(rec: TrialRecord | None) -> str:
+    """A trial's state as the table says it: done, failed, running or pending (no record yet)."""
+    return _STATES.get(rec.state, "pending") if rec else "pending"
+
+
 def table(sweep: Sweep, ledger: Ledger) -> pd.DataFrame:
     """One row per trial of the current grid, in grid order; figures empty where not computed."""
+    return frame(rows(sweep, ledger))
+
+
+def rows(sweep: Sweep, ledger: Ledger) -> list[dict[str, Any]]:
+    """The table's rows as plain dicts (a column a trial has no value for is absent from its row):
+    what `results` shows and `best` ranks, without pandas."""
     recs = ledger.records()
-    rows: list[dict[str, Any]] = []
+    out: list[dict[str, Any]] = []
     for t in sweep.trials:
         rec = recs.get(t.key)
         attrs: Mapping[str, Any] = rec.attrs if rec else {}
         row: dict[str, Any] = {"trial": t.key, "number": t.number}
         row.update(t.params)
-        row["state"] = {"COMPLETE": "done", "FAIL": "failed", "RUNNING": "running"}.get(
-            rec.state if rec else "", "pending"
-        )
+        row["state"] = state(rec)
         row["first_stage"] = attrs.get("first_stage")
         for col in TIMES:
             row[col] = attrs.get(col)
@@ -154,8 +168,19 @@ def table(sweep: Sweep, ledger: Ledger) -> pd.DataFrame:
         row["solver"] = attrs.get("solver")
         row["ultrack"] = attrs.get("ultrack")
         row["gridsearch"] = attrs.get("gridsearch")
-        rows.append(row)
-    df = pd.DataFrame(rows)
+        out.append(row)
+    return out
+
+
+def columns(rows: list[dict[str, Any]]) -> list[str]:
+    """Every column of the rows, in the order they first appear (as pandas makes them)."""
+    return list(dict.fromkeys(k for r in rows for k in r))
+
+
+def frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    import pandas as pd
+
+    df = pd.DataFrame(rows, columns=columns(rows))
     for col in [*TIMES, "objective"]:
         df[col] = pd.to_numeric(df[col], errors="coerce")
     return df

@@ -10,7 +10,7 @@ import operator
 import os
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gridsearch.core.bulk import gc_paused
-from gridsearch.inputs import Inputs, check_ground_truth, resolve_inputs, uses_full_identity
+from gridsearch.inputs import Headers, Inputs, check_ground_truth, resolve_inputs, uses_full_identity
 from gridsearch.stages import (
     EXECUTION_KEYS,
     SECTION_OF,
@@ -36,6 +36,7 @@ from gridsearch.validate import (
     section_problem,
     workdir_problem,
 )
+from gridsearch.validated import Validated, digest, read
 
 MAX_TRIALS = 10_000  # default of the sweep file's max_trials
 DEFAULT_SLURM_PARALLEL = 4  # databases alive at once on SLURM, unless the sweep file says
@@ -175,6 +176,8 @@ class Sweep:
     inputs: Inputs  # the arrays the stages read, the movie's shape and the data identity
     trials: list[Trial]
     full_identity: bool = False  # a workdir older than the sampled data identity (inputs.py)
+    validated: Validated | None = None  # what ultrack's models made of it, for the workdir's record
+    headers: Headers = field(default_factory=Headers)  # what was read of the inputs, for the same
 
     @property
     def data_identity(self) -> str:
@@ -305,11 +308,16 @@ def read_config_toml(path: Path, where: str) -> dict[str, Any]:
 def base_config(raw: dict[str, Any], where: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """An ultrack config without its [data] section (gridsearch owns it: where each database
     lives), as written and as validated by ultrack's models (defaults filled in, JSON mode)."""
+    own = own_sections(raw, where)
+    return own, _validate_sections(own, where)
+
+
+def own_sections(raw: dict[str, Any], where: str) -> dict[str, Any]:
+    """The config's sections but [data]; an unknown section is bad input."""
     unknown = set(raw) - set(SWEEPABLE) - {"data"}
     if unknown:
         raise SpecError(f"{where}{sorted(unknown)[0]}: unknown ultrack config section")
-    own = {k: v for k, v in raw.items() if k != "data"}
-    return own, _validate_sections(own, where)
+    return {k: v for k, v in raw.items() if k != "data"}
 
 
 def _validate_sections(raw: dict[str, Any], where: str) -> dict[str, dict[str, Any]]:
@@ -380,12 +388,8 @@ def _check_options(sf: SweepFile, spec_path: Path) -> None:
         )
 
 
-def _resolve_data(sf: SweepFile, base: Path, spec_path: Path) -> Inputs:
-    """Resolve the paths and check them against each other (workdir, movie, ground truth)."""
-    sf.workdir = _resolve(base, sf.workdir)
-    problem = workdir_problem(sf.workdir)
-    if problem:
-        raise SpecError(f"{spec_path}: workdir: {problem}")
+def _resolve_data(sf: SweepFile, base: Path, spec_path: Path, headers: Headers) -> Inputs:
+    """Resolve the data paths and check them against each other (movie, ground truth)."""
     data = sf.data
     for key in ("foreground", "contours"):
         if getattr(data, key) is not None:
@@ -393,15 +397,15 @@ def _resolve_data(sf: SweepFile, base: Path, spec_path: Path) -> Inputs:
     if data.labels is not None:
         data.labels = [_resolve(base, p) for p in data.labels]
     inputs = resolve_inputs(data.foreground, data.contours, data.labels, sf.workdir, spec_path,
-                            uses_full_identity(sf.workdir))
+                            uses_full_identity(sf.workdir), headers)
     if data.ground_truth is not None:
         data.ground_truth = _resolve(base, data.ground_truth)
-        check_ground_truth(data.ground_truth, inputs.shape, sf.objective, spec_path)
+        check_ground_truth(data.ground_truth, inputs.shape, sf.objective, spec_path, headers)
     return inputs
 
 
 def _expand(grid: dict[str, list[Any]], base_raw: dict[str, Any], data_identity: str,
-            spec_path: Path, batching: tuple[int, int]) -> list[Trial]:
+            spec_path: Path, batching: tuple[int, int], validated: Validated | None = None) -> list[Trial]:
     """The cartesian product, each trial validated by ultrack's models and by ours, every stage
     with at least one batch for `batching` (frames, frames per batch); no two alike.
 
@@ -409,7 +413,10 @@ def _expand(grid: dict[str, list[Any]], base_raw: dict[str, Any], data_identity:
     validator; section_problem and batch_problem neither), so a trial whose three sections were
     each seen in an earlier valid trial is valid too: only a trial with an unseen section is
     validated, in full and as before, so the first bad trial raises the same line. Per-stage
-    fingerprints are computed once per distinct prefix: 100,000 trials plan in about a second."""
+    fingerprints are computed once per distinct prefix: 100,000 trials plan in about a second.
+
+    `validated`: a trusted record gives each new section instead of ultrack's models (ours still
+    check it); otherwise what the models make of each new section is noted in it."""
     keys = list(grid)
     values = [grid[k] for k in keys]
     pick = {s: _picker([i for i, k in enumerate(keys) if k.partition(".")[0] == s]) for s in SWEEPABLE}
@@ -422,13 +429,25 @@ def _expand(grid: dict[str, list[Any]], base_raw: dict[str, Any], data_identity:
     prefixes: dict[tuple[Any, Any], _Prefix] = {}
     tracks: dict[Any, tuple[dict[str, Any], bytes]] = {}
 
-    def new_sections(params: dict[str, Any], ks: Any, kl: Any, kt: Any) -> None:
+    positions = {s: [(k, i) for i, k in enumerate(keys) if k.partition(".")[0] == s] for s in SWEEPABLE}
+
+    def section(name: str, params: dict[str, Any], idx: tuple[int, ...]) -> dict[str, Any] | None:
+        swept = {k: idx[i] for k, i in positions[name]}
+        if validated is not None and validated.trusted:
+            sec = validated.section(name, swept)
+            return None if section_problem({name: sec}) else sec
+        sec = _valid_section(name, base_raw, params)
+        if sec is not None and validated is not None:
+            validated.record(name, swept, sec)
+        return sec
+
+    def new_sections(params: dict[str, Any], idx: tuple[int, ...], ks: Any, kl: Any, kt: Any) -> None:
         seg, link, track = seg_cache.get(ks), link_cache.get(kl), track_cache.get(kt)
         if seg is None:
-            seg = _valid_section("segmentation", base_raw, params)
+            seg = section("segmentation", params, idx)
         if link is None:
-            link = _valid_section("linking", base_raw, params)
-        if track is None and (track := _valid_section("tracking", base_raw, params)) is not None:
+            link = section("linking", params, idx)
+        if track is None and (track := section("tracking", params, idx)) is not None:
             track = None if batch_problem({"tracking": track}, *batching) else track
         if seg is None or link is None or track is None:
             _validate_trial(params, base_raw, spec_path, batching)  # raises the line naming the trial
@@ -452,7 +471,7 @@ def _expand(grid: dict[str, list[Any]], base_raw: dict[str, Any], data_identity:
         pk, kt = (pick_seg(idx), pick_link(idx)), pick_track(idx)
         prefix, tr = prefixes.get(pk), tracks.get(kt)
         if prefix is None or tr is None:
-            new_sections(params, *pk, kt)
+            new_sections(params, idx, *pk, kt)
             prefix, tr = prefixes[pk], tracks[kt]
         seg, link, fs, fl, solve_of = prefix
         track, tj = tr
@@ -525,8 +544,11 @@ def _validate_trial(params: dict[str, Any], base_raw: dict[str, Any], spec_path:
     return sections
 
 
-def load(path: str | Path) -> Sweep:
-    """Everything is checked here, before any file or database is touched."""
+def load(path: str | Path, *, trust: bool = False) -> Sweep:
+    """Everything is checked here, before any file or database is touched. `trust`: take what
+    ultrack's models would make of the config from the workdir's record when it is the record of
+    this very config, and the inputs' headers while their files are unchanged (validated.py),
+    rather than importing ultrack, zarr and tifffile; views do, `sweep` never."""
     spec_path = Path(path)
     raw = _read_yaml(spec_path)
     try:
@@ -536,11 +558,26 @@ def load(path: str | Path) -> Sweep:
     base = spec_path.resolve().parent
     _check_grid(sf.grid, sf.max_trials, spec_path)
     _check_options(sf, spec_path)
-    inputs = _resolve_data(sf, base, spec_path)
-    raw_config = _load_base_config(sf.config, base, spec_path)
-    base_raw, base_sections = base_config(raw_config, f"{spec_path}: config.")
-    sweep = Sweep(spec_path, sf, base_sections, inputs, [], uses_full_identity(sf.workdir))
+    sf.workdir = _resolve(base, sf.workdir)
+    if problem := workdir_problem(sf.workdir):
+        raise SpecError(f"{spec_path}: workdir: {problem}")
+    record = read(sf.workdir) if trust else None
+    headers = Headers(record.headers if record else None)
+    inputs = _resolve_data(sf, base, spec_path, headers)
+    where = f"{spec_path}: config."
+    base_raw = own_sections(_load_base_config(sf.config, base, spec_path), where)
+    fed = digest(base_raw, sf.grid)
+    validated = record.config(fed) if record else None
+    if validated is not None:
+        base_sections = validated.base
+        if problem := section_problem(base_sections):
+            raise SpecError(f"{where}{problem}")
+    else:
+        base_sections = _validate_sections(base_raw, where)
+        validated = Validated.start(fed, base_sections, sf.grid)
+    sweep = Sweep(spec_path, sf, base_sections, inputs, [], uses_full_identity(sf.workdir),
+                  validated, headers)
     batching = (inputs.shape[0], sweep.executor.frames_per_batch or 1)
     with gc_paused():
-        sweep.trials = _expand(sf.grid, base_raw, inputs.identity, spec_path, batching)
+        sweep.trials = _expand(sf.grid, base_raw, inputs.identity, spec_path, batching, validated)
     return sweep

@@ -60,6 +60,12 @@ def test_tiff_stacks_give_the_zarr_arrays_results(
     before = load(spec).data_identity
     assert run_sweep(load(spec)).skipped == 12
     assert (made / "foreground.zarr" / "zarr.json").stat().st_mtime_ns == stamp  # not made again
+    # a view takes the TIFFs' headers from the sweep's record: tifffile is not opened
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tifffile, "TiffFile", None)
+        trusted = load(spec, trust=True)
+    assert trusted.validated.trusted and trusted.data_identity == before
+    assert trusted.inputs == load(spec).inputs
     # a rewritten TIFF is changed data: refused until --restart, like a changed zarr array
     tifffile.imwrite(tiffs["contours"], _array(movie["contours"])[:, ::-1].copy(), compression="zlib")
     changed = load(spec)

@@ -99,6 +99,44 @@ def test_changed_base_config_is_refused_unless_restart(
     assert r.exit_code == 2 and "--restart" in r.stderr and "Traceback" not in r.output
 
 
+def test_without_a_terminal_the_driver_logs_one_timestamped_line_per_event(movie: dict[str, Path],
+                                                                            tmp_path: Path) -> None:
+    """A SLURM job's log, nohup: stdout is not a terminal. Even 40 columns wide, no line is wrapped
+    ("(from" / "segment)"), none redrawn, none coloured; one line per event, each with its time."""
+    import os
+    import re
+
+    grid = "grid:\n  segmentation.min_area: [30, 60]\n  tracking.appear_weight: [-0.1, -0.5]\n"
+    spec = write_spec(tmp_path, movie, name="log", grid=grid)
+    r = subprocess.run([sys.executable, "-m", "gridsearch.cli", "sweep", str(spec)], capture_output=True,
+                       text=True, env={**os.environ, "COLUMNS": "40"}, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "\r" not in r.stdout and "\x1b" not in r.stdout
+    lines = r.stdout.splitlines()
+    stamped = [re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d (.+)", ln) for ln in lines]
+    assert all(stamped), [ln for ln, m in zip(lines, stamped, strict=True) if not m]
+    events = [m.group(1) for m in stamped if m]
+    assert all(e.count("(") == e.count(")") for e in events)  # no phrase broken across lines
+    starts = [e for e in events if re.match(r"trial \d/4 ", e)]
+    assert len(starts) == 4 and all(re.search(r" \(from (segment|link|solve)\)$", e) for e in starts)
+    # the plan, per trial: started and finished, per stage run (2 + 2 + 4): started and done, the summary
+    assert len(events) == 1 + 2 * 4 + 2 * 8 + 1, events
+    assert events[0].startswith("4 trials (0 already done)")
+    assert sum(" done in " in e for e in events) == 8
+    assert events[-1].startswith("4 completed, 0 failed")
+
+
+def test_a_terminal_keeps_the_live_display() -> None:
+    import io
+
+    from rich.console import Console
+
+    from gridsearch.progress import LogReporter, RichReporter, for_console
+
+    assert isinstance(for_console(Console(file=io.StringIO(), force_terminal=True)), RichReporter)
+    assert isinstance(for_console(Console(file=io.StringIO())), LogReporter)
+
+
 def test_second_driver_is_refused_by_the_lock(movie: dict[str, Path], tmp_path: Path) -> None:
     spec = write_spec(tmp_path, movie, name="locked")
     from gridsearch.workspace import Workspace

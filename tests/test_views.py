@@ -58,10 +58,15 @@ def swept(tmp_path_factory: pytest.TempPathFactory, movie: dict[str, Path]) -> S
 
 
 # ---- best ----------------------------------------------------------------------------------------
+def _rows(df: pd.DataFrame) -> list[dict[str, Any]]:
+    """best.py ranks plain rows, as `results.rows` gives them (the CLI never loads pandas)."""
+    return df.to_dict("records")
+
+
 def test_best_trial_is_one_that_tracks_the_movie_correctly(swept: Swept) -> None:
     df = swept.df
     assert swept.sweep.objective == "TRA"
-    row = best_trial(df, "TRA")
+    row = best_trial(_rows(df), "TRA")
     assert row["state"] == "done" and row["TRA"] == 1.0
     assert row["segmentation.min_area"] == 60 and row["linking.max_distance"] == 15.0
     # ties go to grid order: the first perfect trial, on every run
@@ -72,17 +77,17 @@ def test_best_trial_is_one_that_tracks_the_movie_correctly(swept: Swept) -> None
 def test_best_trial_refuses_when_nothing_completed(swept: Swept) -> None:
     pending = swept.df.assign(state="pending")
     with pytest.raises(ValueError, match="no completed trial") as e:
-        best_trial(pending, "TRA")
+        best_trial(_rows(pending), "TRA")
     assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match="SEG"):
-        best_trial(swept.df, "SEG")
+        best_trial(_rows(swept.df), "SEG")
 
 
 def test_best_config_is_the_trials_config_without_data(swept: Swept, tmp_path: Path) -> None:
     from ultrack.config.config import load_config
     from ultrack.config.dataconfig import DataConfig
 
-    row = best_trial(swept.df, "TRA")
+    row = best_trial(_rows(swept.df), "TRA")
     text = best_config_toml(row)
     body = "\n".join(ln for ln in text.splitlines() if not ln.startswith("#"))
     assert "data" not in toml.loads(text)
@@ -105,8 +110,8 @@ def test_best_config_is_the_trials_config_without_data(swept: Swept, tmp_path: P
 
 def test_why_names_the_winner_its_margin_and_params(swept: Swept) -> None:
     df, keys = swept.df, swept.sweep.grid_keys
-    row = best_trial(df, "TRA")
-    line = why(row, df, "TRA", keys)
+    row = best_trial(_rows(df), "TRA")
+    line = why(row, _rows(df), "TRA", keys)
     assert "\n" not in line
     assert line.startswith(f"trial {row['trial']} wins: TRA 1.000")
     assert "tied with 1 other" in line  # two perfect trials on this movie: said, not hidden
@@ -114,12 +119,12 @@ def test_why_names_the_winner_its_margin_and_params(swept: Swept) -> None:
         assert f"{k}={row[k]}" in line
     # without the perfect trials there is a single winner and a positive margin to the runner-up
     rest = df[df["TRA"] < 1.0]
-    top = best_trial(rest, "TRA")
-    line = why(top, rest, "TRA", keys)
+    top = best_trial(_rows(rest), "TRA")
+    line = why(top, _rows(rest), "TRA", keys)
     second = rest.sort_values("TRA", ascending=False).iloc[1]
     assert f"runner-up {second['trial']}, +" in line and f"{second['TRA']:.3f}" in line
     only = rest[rest["trial"] == top["trial"]]
-    assert "only completed trial" in why(top, only, "TRA", keys)
+    assert "only completed trial" in why(top, _rows(only), "TRA", keys)
 
 
 # ---- plots ---------------------------------------------------------------------------------------
@@ -293,6 +298,69 @@ def test_cli_best_plot_results(swept: Swept, tmp_path: Path) -> None:
     assert r.exit_code == 2 and "no such column" in r.stderr
     r = CliRunner().invoke(main, ["results", spec, "-o", str(tmp_path / "x.xlsx")])
     assert r.exit_code == 2 and "unknown format" in r.stderr
+
+
+@pytest.mark.parametrize("every", [False, True])
+def test_results_on_screen_fit_80_columns_in_whole_words(swept: Swept, every: bool) -> None:
+    """No terminal (CliRunner), COLUMNS=80: whole columns only, one line per trial, and a note of
+    what was left out and how to see it; never a header or value broken into letters."""
+    from click.testing import CliRunner
+
+    from gridsearch.cli import main
+
+    args = ["results", str(swept.sweep.path), *(["--all"] if every else [])]
+    r = CliRunner().invoke(main, args, env={"COLUMNS": "80"})
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert max(len(ln) for ln in lines) <= 80
+    header = lines[0].split()
+    assert header[:6] == ["trial", "min_area", "max_distance", "appear_weight", "state", "TRA"]
+    assert set(header) <= set(swept.df.columns) | {"min_area", "max_distance", "appear_weight"}
+    keys = set(swept.df["trial"])
+    assert [ln.split()[0] for ln in lines[2:14]] == list(swept.df["trial"]) and len(keys) == 12
+    notes = lines[14:]
+    assert notes[0] == "objective: TRA (higher is better)"
+    assert notes[1].startswith("no room at 80 characters for ")
+    assert ("more columns with --all" in notes[-1]) is not every
+    assert notes[-1].endswith("every column in a file: -o FILE")
+
+
+def test_plan_on_screen_fits_80_columns(swept: Swept) -> None:
+    from click.testing import CliRunner
+
+    from gridsearch.cli import main
+
+    r = CliRunner().invoke(main, ["plan", str(swept.sweep.path)], env={"COLUMNS": "80"})
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert max(len(ln) for ln in lines) <= 80
+    assert lines[1].split() == ["#", "trial", "min_area", "max_distance", "appear_weight", "first_stage"]
+
+
+def test_short_names_stay_unique() -> None:
+    from gridsearch.screen import short_names
+
+    keys = ["segmentation.min_area", "linking.min_area", "tracking.appear_weight", "tracking.tracks"]
+    assert short_names(keys, taken=["trial", "tracks"]) == {
+        "segmentation.min_area": "segmentation.min_area", "linking.min_area": "linking.min_area",
+        "tracking.appear_weight": "appear_weight", "tracking.tracks": "tracking.tracks"}
+
+
+def test_a_narrow_table_drops_columns_whole() -> None:
+    import io
+
+    from rich.console import Console
+
+    from gridsearch.screen import fit
+
+    rows = [{"trial": "6d4c955345a0", "state": "done", "config": "/a/very/long/path/" * 5, "TRA": "0.977"}]
+    fitted = fit(["trial", "config", "state", "TRA"], rows, 40)
+    assert fitted.shown == ["trial", "state", "TRA"] and fitted.left_out == ["config"]
+    out = io.StringIO()
+    Console(file=out, width=40).print(fitted.table)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 3 and max(len(ln) for ln in lines) <= 40  # header, rule, one row
+    assert fitted.left_out_line() == "no room at 40 characters for 1: config"
 
 
 @pytest.mark.parametrize("command", ["plot", "best"])

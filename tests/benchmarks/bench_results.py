@@ -125,8 +125,10 @@ def main() -> None:
     from gridsearch import results
     from gridsearch.engine import existing_ledger
     from gridsearch.spec import load
+    from gridsearch.validated import write as write_record
 
     sw = load(spec)
+    write_record(sw.workdir, sw.validated, sw.headers.seen)  # as a sweep does: views need no ultrack
     t0 = time.perf_counter()
     with existing_ledger(sw) as led:
         assert led is not None
