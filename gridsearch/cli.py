@@ -6,8 +6,9 @@ import io
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import click
 from rich.console import Console
@@ -24,6 +25,7 @@ from gridsearch.core.errors import (
 from gridsearch.spec import Sweep, load
 from gridsearch.stages import Stage, start_label
 
+T = TypeVar("T")
 PLAN_ROWS = 30  # trials `plan` shows on screen; --json lists them all
 
 
@@ -140,20 +142,79 @@ def init(config: str | None, foreground: str | None, contours: str | None, label
 @click.option("--restart", is_flag=True,
               help="Archive earlier results and start over (base config or data changed).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress display.")
-def sweep(spec: str, restart: bool, quiet: bool) -> None:
+@click.option("--submit", is_flag=True,
+              help="SLURM: run the driver as a job that resubmits itself before its time limit.")
+@click.option("--in-job", "in_job", is_flag=True, hidden=True)  # the driver job's own call
+def sweep(spec: str, restart: bool, quiet: bool, submit: bool, in_job: bool) -> None:
     """Run the sweep, or resume it where it stopped."""
     from gridsearch.engine import run_sweep
     from gridsearch.progress import Silent, for_console
 
     sw = load(spec)
+    if submit:
+        _submit_driver(sw, Path(spec), restart)
+        return
     shown = for_console(_console())  # a live display, or timestamped lines in a job log
-    out = run_sweep(sw, restart=restart, reporter=Silent() if quiet else shown)
+    reporter = Silent() if quiet else shown
+    if in_job:
+        out = _sweep_in_job(sw, Path(spec), lambda: run_sweep(sw, restart=restart, reporter=reporter),
+                            shown.message)
+    else:
+        out = run_sweep(sw, restart=restart, reporter=reporter)
     shown.message(
         f"{out.completed} completed, {out.failed} failed, {out.skipped} already done; stage runs: "
         + ", ".join(f"{s.label} {out.stage_runs[s]}" for s in Stage)
         + f"; {out.wall_s:.1f} s"
     )
     sys.exit(EXIT_FAILED if out.failed else EXIT_OK)
+
+
+def _submit_driver(sw: Sweep, spec: Path, restart: bool) -> None:
+    from gridsearch.slurm import driver_job
+    from gridsearch.slurm.gateway import DEFAULT_RESOURCES
+    from gridsearch.workspace import Workspace
+
+    if sw.executor.kind != "slurm":
+        fail(f"{spec}: executor: --submit runs the driver as a SLURM job, for a sweep with executor: slurm")
+    ws = Workspace(sw.workdir)
+    live = driver_job.live_driver(sw)
+    if live:
+        fail(f"{sw.name}: its driver is already queued as SLURM job {live[0]} ({live[1]}); "
+             f"follow it with `gridsearch status {spec}`", EXIT_FAILED)
+    holder = ws.holder()
+    if holder:
+        fail(f"{sw.workdir}: a driver is running ({holder.describe()}); let it finish or stop it first",
+             EXIT_FAILED)
+    job = driver_job.submit(sw, spec, ws, restart=restart, notify=click.echo)
+    res = sw.executor.stages.get(driver_job.DRIVER) or DEFAULT_RESOURCES[driver_job.DRIVER]
+    click.echo(f"submitted the driver of {sw.name} as SLURM job {job} ({res.cpus} CPU, time limit "
+               f"{res.time}; {driver_job.GRACE_S} s before it, the driver queues its successor)")
+    click.echo(f"log: {driver_job.driver_log(ws, job)}")
+    click.echo(f"follow: gridsearch status {spec}; stop: gridsearch cancel {spec}")
+
+
+def _sweep_in_job(sw: Sweep, spec: Path, run: Callable[[], T], say: Callable[[str], None]) -> T:
+    """The driver job's sweep: at the time limit's warning, queue the successor and end."""
+    import signal
+
+    from gridsearch.core.signals import terminate_as_exit
+    from gridsearch.slurm import driver_job
+    from gridsearch.workspace import Workspace
+
+    ws = Workspace(sw.workdir)
+    clock = driver_job.JobClock.start()
+    with terminate_as_exit():  # from the job's first instant: a TERM always ends in carry_on
+        try:
+            driver_job.take_password(ws)
+            driver_job.await_predecessor(ws)
+            out = run()
+        except SystemExit as e:
+            if e.code != 128 + signal.SIGTERM:
+                raise
+            successor = driver_job.carry_on(sw, spec, ws, clock, say)
+            sys.exit(EXIT_OK if successor else EXIT_INTERRUPTED)
+    ws.driver_pgpass.unlink(missing_ok=True)  # the sweep is over: no job needs it
+    return out
 
 
 @main.command()

@@ -115,7 +115,7 @@ class ExecutorSpec(_Strict):
     account: str | None = None
     setup: list[str] = Field(default_factory=list)
     max_parallel: int = Field(20, ge=1)
-    stages: dict[Literal["segment", "link", "solve", "server"], StageResources] = Field(
+    stages: dict[Literal["segment", "link", "solve", "server", "driver"], StageResources] = Field(
         default_factory=dict
     )
     sbatch_args: list[str] = Field(default_factory=list)

@@ -47,6 +47,11 @@ class Workspace:
         return self.root / "secrets" / "pgpass"
 
     @property
+    def driver_pgpass(self) -> Path:
+        """The password a `sweep --submit` was given, for its driver jobs (same rules as pgpass)."""
+        return self.root / "secrets" / "driver-pgpass"
+
+    @property
     def cancel_request(self) -> Path:
         """Written by `gridsearch cancel`: a file on the shared filesystem reaches a driver on any
         node, and needs no database password to write."""

@@ -33,6 +33,7 @@ from gridsearch.slurm.parse import (
     Key,
     TaskState,
     compact,
+    duration_s,
     merge,
     parse_sacct,
     parse_squeue,
@@ -48,6 +49,8 @@ DEFAULT_RESOURCES: dict[str, StageResources] = {
     "link": StageResources(cpus=1, mem="8G", time="01:00:00"),
     "solve": StageResources(cpus=1, mem="8G", time="04:00:00"),
     "server": StageResources(cpus=2, mem="4G", time="7-00:00:00"),
+    # the driver job (`sweep --submit`): a day at a time, it resubmits itself before its limit
+    "driver": StageResources(cpus=1, mem="4G", time="1-00:00:00"),
 }
 
 
@@ -200,12 +203,13 @@ def submit_array(req: ArrayRequest, spec: ExecutorSpec, env: Mapping[str, str] |
 
 
 def submit_job(spec: ExecutorSpec, what: str, name: str, command: Sequence[str], paths: JobPaths,
-               env: Mapping[str, str] | None = None, notify: Callable[[str], None] = ignore) -> str:
-    """Submit a single job running `command` (the PostgreSQL server: what='server')."""
+               env: Mapping[str, str] | None = None, notify: Callable[[str], None] = ignore,
+               extra: Sequence[str] = ()) -> str:
+    """Submit a single job running `command` (what='server': the PostgreSQL server; 'driver')."""
     paths.logs.mkdir(parents=True, exist_ok=True)
     body = job_script(command, spec.setup)
-    job_id = _sbatch(sbatch_options(name, what, spec, paths.job_output(what)), body, name, env or {},
-                     notify)
+    job_id = _sbatch(sbatch_options(name, what, spec, paths.job_output(what), extra), body, name,
+                     env or {}, notify)
     atomic_write(paths.script(what, job_id), body)
     return job_id
 
@@ -259,6 +263,14 @@ def job_state_reason(job_id: str) -> tuple[str, str]:
         raise SlurmError(f"squeue failed: {first_line(r.stderr or r.stdout)}")
     state, _, reason = (r.stdout.strip().splitlines() or [UNKNOWN])[0].partition("|")
     return state, reason
+
+
+def time_left(job_id: str) -> float | None:
+    """Seconds before the job's time limit (None: no limit, or squeue does not know the job)."""
+    r = _run(["squeue", "-h", "-j", job_id, "-o", "%L"])
+    if r.returncode != 0:
+        raise SlurmError(f"squeue failed: {first_line(r.stderr or r.stdout)}")
+    return duration_s((r.stdout.strip().splitlines() or [""])[0])
 
 
 def queue_position(job_id: str) -> int | None:

@@ -169,3 +169,19 @@ def merge(
             else:
                 out[(job, i)] = TaskState(UNKNOWN, "", True)
     return out
+
+
+def duration_s(text: str) -> float | None:
+    """A duration as squeue prints it (%L, %l: [D-]HH:MM:SS or MM:SS) in seconds; None for UNLIMITED,
+    INVALID or nothing."""
+    text = text.strip()
+    days, _, clock = text.rpartition("-") if "-" in text else ("0", "", text)
+    parts = clock.split(":")
+    if not days.isdigit() or not 1 <= len(parts) <= 3 or not all(p.isdigit() for p in parts):
+        return None
+    seconds = 0
+    for p in parts:
+        seconds = seconds * 60 + int(p)
+    if len(parts) == 1:  # minutes alone
+        seconds *= 60
+    return float(int(days) * 86400 + seconds)
