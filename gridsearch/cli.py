@@ -296,7 +296,7 @@ def status(spec: str, as_json: bool) -> None:
         return
     c = _console()
     driver = f"driver running, {holder}" if holder else "no driver running"
-    c.print(f"[bold]{sw.name}[/] in {sw.workdir}: {driver}")
+    c.print(f"[bold]{sw.name}[/] in {sw.workdir}: {driver}", soft_wrap=True)  # the path whole, one line
     c.print("trials: " + ", ".join(f"{k} {v}" for k, v in by_state.items()))
     for stage, states in runs.items():
         c.print(f"  {stage}: " + (", ".join(f"{k} {v}" for k, v in sorted(states.items())) or "none"))

@@ -108,6 +108,8 @@ class RichReporter:
             TextColumn("{task.fields[eta]}"),
             console=console,
             transient=False,
+            redirect_stdout=False,  # ultrack's prints and tqdm bars go to the stage's log (fd_redirect),
+            redirect_stderr=False,  # not above the display
         )
         self.trials_task: Any = None
         self.stage_task: Any = None

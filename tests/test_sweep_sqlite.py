@@ -137,6 +137,30 @@ def test_a_terminal_keeps_the_live_display() -> None:
     assert isinstance(for_console(Console(file=io.StringIO())), LogReporter)
 
 
+def test_the_live_display_leaves_ultracks_own_output_to_the_log(tmp_path: Path) -> None:
+    """ultrack prints ("Solving ILP ...") and draws tqdm bars through sys.stdout and sys.stderr;
+    the stage's fd redirect sends them to its log. The live display must not catch them first
+    (rich's Progress redirects both by default), or a terminal fills with ultrack's lines."""
+    import io
+
+    from rich.console import Console
+
+    from gridsearch.progress import RichReporter
+    from gridsearch.runtime import fd_redirect
+
+    screen = io.StringIO()
+    shown = RichReporter(Console(file=screen, force_terminal=True, width=80))
+    shown.progress.start()
+    try:
+        with fd_redirect(tmp_path / "ultrack.log"):
+            print("Solving ILP ...")
+            print("Exporting segmentation masks: 100%", file=sys.stderr)
+    finally:
+        shown.progress.stop()
+    assert "Solving ILP" not in screen.getvalue()
+    assert "Exporting segmentation masks" not in screen.getvalue()
+
+
 def test_second_driver_is_refused_by_the_lock(movie: dict[str, Path], tmp_path: Path) -> None:
     spec = write_spec(tmp_path, movie, name="locked")
     from gridsearch.workspace import Workspace

@@ -337,6 +337,19 @@ def test_plan_on_screen_fits_80_columns(swept: Swept) -> None:
     assert lines[1].split() == ["#", "trial", "min_area", "max_distance", "appear_weight", "first_stage"]
 
 
+def test_status_keeps_a_long_workdir_on_one_line(movie: dict[str, Path], tmp_path: Path) -> None:
+    """A cluster's scratch path is long: status names the workdir whole, on one line, at 80 columns
+    (not cut into pieces of 80 characters, mid-word, where nobody can copy it from)."""
+    from click.testing import CliRunner
+
+    from gridsearch.cli import main
+
+    spec = write_spec(tmp_path / ("a-scratch-folder-with-a-long-name-" * 2), movie, name="deep")
+    r = CliRunner().invoke(main, ["status", str(spec)], env={"COLUMNS": "80"})
+    assert r.exit_code == 0, r.output
+    assert r.output.splitlines()[0] == f"deep in {load(spec).workdir}: no driver running"
+
+
 def test_short_names_stay_unique() -> None:
     from gridsearch.screen import short_names
 
