@@ -311,7 +311,7 @@ def status(spec: str, as_json: bool) -> None:
 @click.argument("spec", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help=".csv, .parquet, .json or .md")
 @click.option("--sort", "sort_by", help="Column to sort by (descending for the objective).")
-@click.option("--top", type=int, help="Keep the first K rows.")
+@click.option("--top", type=int, help="Keep the first K rows (alone: the K best by the objective).")
 @click.option("--all", "every", is_flag=True, help="On screen: every column that fits, beyond the main ones.")
 def results(spec: str, output: str | None, sort_by: str | None, top: int | None, every: bool) -> None:
     """One row per trial: parameters, state, stage times, figures, metrics, provenance."""

@@ -101,7 +101,10 @@ def objective_column(columns: Sequence[str], sweep: Sweep, objective: str | None
 
 def sorted_rows(rows: list[dict[str, Any]], sweep: Sweep, sort_by: str | None,
                 top: int | None) -> list[dict[str, Any]]:
-    """--sort (descending for the objective, ascending otherwise; empty values last), then --top."""
+    """--sort (descending for the objective, ascending otherwise; empty values last), then --top.
+    --top alone keeps the best: it sorts by the objective, when trials have one."""
+    if top and not sort_by and sweep.objective in results.columns(rows):
+        sort_by = sweep.objective
     if sort_by:
         if sort_by not in (columns := results.columns(rows)):
             raise _no_such_column("--sort", sort_by, columns)

@@ -294,6 +294,10 @@ def test_cli_best_plot_results(swept: Swept, tmp_path: Path) -> None:
     top = pd.read_csv(out, dtype={"trial": str})
     assert len(top) == 3 and list(top["TRA"]) == sorted(swept.df["TRA"], reverse=True)[:3]
 
+    r = CliRunner().invoke(main, ["results", spec, "--top", "3", "-o", str(out)])  # --top alone: the best
+    assert r.exit_code == 0, r.output
+    assert list(pd.read_csv(out, dtype={"trial": str})["TRA"]) == list(top["TRA"])
+
     r = CliRunner().invoke(main, ["results", spec, "--sort", "nope"])
     assert r.exit_code == 2 and "no such column" in r.stderr
     r = CliRunner().invoke(main, ["results", spec, "-o", str(tmp_path / "x.xlsx")])
