@@ -31,9 +31,11 @@ from gridsearch.slurm.parse import (
     SQUEUE_FORMAT,
     UNKNOWN,
     Key,
+    QueuedJob,
     TaskState,
     compact,
     merge,
+    parse_queue,
     parse_sacct,
     parse_squeue,
 )
@@ -234,6 +236,16 @@ def cluster_cpus(partition: str | None = None) -> int | None:
     return total if r.returncode == 0 and total > 0 else None
 
 
+def task_slots(spec: ExecutorSpec, stage: str, cpus: int | None) -> int:
+    """Tasks of `stage` that may run at once: max_parallel, no more than the partition's CPUs
+    (`cluster_cpus`; None: unknown) hold tasks of the stage's `cpus`. The executor sizes tasks
+    by it and `plan` counts them by it."""
+    res = spec.stages.get(stage) or DEFAULT_RESOURCES[stage]  # type: ignore[call-overload]
+    if cpus is None:
+        return spec.max_parallel
+    return min(spec.max_parallel, max(1, cpus // max(1, res.cpus)))
+
+
 def scancel_ids(ids: Sequence[str]) -> None:
     if ids:
         _run(["scancel", *ids])
@@ -259,6 +271,16 @@ def job_state_reason(job_id: str) -> tuple[str, str]:
         raise SlurmError(f"squeue failed: {first_line(r.stderr or r.stdout)}")
     state, _, reason = (r.stdout.strip().splitlines() or [UNKNOWN])[0].partition("|")
     return state, reason
+
+
+def queued(names: Sequence[str], timeout: float = 30) -> list[QueuedJob]:
+    """What `status` shows of the named jobs: their live tasks, from one squeue call. `-t all`
+    rather than a list of live states, which an older squeue may refuse a word of; the parser
+    keeps the live ones. A scheduler that does not answer is not waited out (a view says so)."""
+    r = _run(["squeue", "-h", "-t", "all", "-n", ",".join(names), "-o", SQUEUE_FORMAT], timeout=timeout)
+    if r.returncode != 0:
+        raise SlurmError(f"squeue failed: {first_line(r.stderr or r.stdout)}")
+    return parse_queue(r.stdout)
 
 
 def queue_position(job_id: str) -> int | None:
