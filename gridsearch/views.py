@@ -74,7 +74,7 @@ def status(sweep: Sweep) -> dict[str, Any]:
     runs: dict[str, dict[str, int]] = {s.label: {} for s in Stage}
     running: list[dict[str, Any]] = []
     est: costs.Estimate | None = None
-    jobs: list[JobRow] = []
+    jobs: list[JobRow] | None = None
     with existing_ledger(sweep) as led:
         if led is not None:
             if sweep.executor.kind == "slurm":
@@ -98,7 +98,7 @@ def status(sweep: Sweep) -> dict[str, Any]:
             "slurm": slurm_queue(sweep, jobs) if sweep.executor.kind == "slurm" else None}
 
 
-def slurm_queue(sweep: Sweep, rows: Sequence[JobRow]) -> dict[str, Any]:
+def slurm_queue(sweep: Sweep, rows: Sequence[JobRow] | None) -> dict[str, Any]:
     """What SLURM has of the sweep, from one squeue call for its job names (the stage arrays, the
     server job, a driver job): per job, tasks running and pending and why they wait. A scheduler
     that does not answer is said in one line: the rest of the view stands without it."""
@@ -112,19 +112,21 @@ def slurm_queue(sweep: Sweep, rows: Sequence[JobRow]) -> dict[str, Any]:
     return {"error": None, "jobs": queue_jobs(sweep_tag(sweep), queued, rows)}
 
 
-def queue_jobs(tag: str, queued: Sequence[QueuedJob], rows: Sequence[JobRow]) -> list[dict[str, Any]]:
-    """squeue's jobs with what the ledger recorded of them (gs_slurm_job: the stage run's trial):
-    the driver and server jobs first, then the arrays in job id order. An array of the sweep's
-    names that no driver recorded is one `sweep` cancels before it clears anything."""
-    by_id = {r.job_id: r for r in rows}  # the latest row of a job id wins
+def queue_jobs(tag: str, queued: Sequence[QueuedJob],
+               rows: Sequence[JobRow] | None) -> list[dict[str, Any]]:
+    """squeue's jobs with what the ledger recorded of them (gs_slurm_job: the stage run's trial;
+    `rows` None: no ledger yet), the driver and server jobs first, then the arrays in job id
+    order. An array of the sweep's names no driver recorded is one `sweep` cancels before it
+    clears anything."""
+    by_id = {r.job_id: r for r in rows or []}  # the latest row of a job id wins
     out = []
     for q in queued:
         what = q.name[len(tag) + 1:] if q.name.startswith(tag + "-") else q.name
         row = by_id.get(q.job_id)
         out.append({"job_id": q.job_id, "name": q.name, "what": what, "array": q.array,
                     "trial_key": row.trial_key if row else None, "attempt": row.attempt if row else None,
-                    "recorded": row is not None, "running": q.running, "pending": q.pending,
-                    "states": q.states, "reasons": q.reasons})
+                    "recorded": None if rows is None else row is not None, "running": q.running,
+                    "pending": q.pending, "states": q.states, "reasons": q.reasons})
     return sorted(out, key=lambda j: j["what"] not in ("driver", "server"))
 
 
@@ -141,22 +143,21 @@ def queue_lines(doc: dict[str, Any] | None, width: int) -> list[str]:
     for j in jobs:
         head = f"{j['what']} {j['job_id']}"
         if j["trial_key"]:
-            head += f", trial {j['trial_key']}"
-        elif j["what"] in ("segment", "link", "solve"):
+            head += f", trial {j['trial_key']}" + (f", retry {j['attempt']}" if j["attempt"] else "")
+        elif j["recorded"] is False and j["what"] in ("segment", "link", "solve"):
             head += ", recorded by no driver"
         states = dict(j["states"])
         if not j["array"]:
-            word = next(iter(states), "UNKNOWN").lower()
-            counts = word
+            counts = next(iter(states), "UNKNOWN").lower()
         else:
-            parts = [f"{states.pop('RUNNING', 0)} running", f"{states.pop('PENDING', 0)} pending"]
-            counts = ", ".join(parts + [f"{n} {w.lower()}" for w, n in states.items()])
+            order = sorted(states, key=lambda w: (w != "RUNNING", w != "PENDING"))
+            counts = ", ".join(f"{states[w]} {w.lower()}" for w in order)
         reasons = j["reasons"]
         why = ""
         if len(reasons) == 1 and (not j["array"] or next(iter(reasons.values())) == j["pending"]):
             why = f" ({next(iter(reasons))})"
-        elif reasons:
-            why = " (" + ", ".join(f"{r} {n}" for r, n in reasons.items()) + ")"
+        elif reasons:  # a reason may hold commas (ReqNodeNotAvail, UnavailableNodes:...)
+            why = " (" + "; ".join(f"{n} {r}" for r, n in reasons.items()) + ")"
         texts.append(f"{head}: {counts}{why}")
     n = len(jobs)
     return [f"slurm: {n} job{'' if n == 1 else 's'} of this sweep queued or running",
