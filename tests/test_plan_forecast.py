@@ -9,12 +9,15 @@ import json
 import os
 import statistics
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from helpers import EXAMPLE_GRID, write_spec
+from helpers import EXAMPLE_GRID, lab_database, lab_rows, pg_available, write_spec
 
 from gridsearch import forecast
+from gridsearch.backends.names import db_name
+from gridsearch.backends.postgres import managed_server
 from gridsearch.branches import simulate
 from gridsearch.cli import main
 from gridsearch.costs import StageCost
@@ -23,6 +26,7 @@ from gridsearch.slurm import gateway
 from gridsearch.slurm.describe import describe_jobs, phase_arrays
 from gridsearch.spec import Sweep, load
 from gridsearch.stages import Stage
+from gridsearch.workspace import Workspace
 
 SLURM = "database: {kind: postgresql, managed: true}\nexecutor: {kind: slurm, max_parallel: 4%s}\n"
 ONE = "grid:\n  tracking.appear_weight: [-0.1]\n"  # one trial: segment, link, solve
@@ -246,3 +250,44 @@ def test_plan_of_a_half_finished_sweep_with_branches(finished: Path) -> None:
     peak, exports = size(disk["peak_bytes"]), size(9 * per_trial)
     assert f"  disk: about {peak} at the peak, with {exports} of trial exports to come" in block
     assert any(ln.startswith("  estimated remaining: ") for ln in block)
+
+
+# ---- PostgreSQL: pg_database_size, or the sweep's schema on an existing server ---------------------------
+@pytest.mark.postgres
+@pytest.mark.skipif(not pg_available(), reason="PostgreSQL binaries not installed")
+def test_plan_measures_a_managed_servers_databases(open_tmp: Path, movie: dict[str, Path]) -> None:
+    extra = "database: {kind: postgresql, managed: true}\nexecutor: {kind: local, workers: 1}\n"
+    spec = write_spec(open_tmp, movie, name="fcpg", grid=ONE, extra=extra)
+    out = run_sweep(load(spec))
+    assert (out.completed, out.failed) == (1, 0)
+    r = CliRunner().invoke(main, ["plan", "--json", str(spec)])
+    assert r.exit_code == 0, r.output
+    disk = json.loads(r.stdout)["disk"]
+    sweep = load(spec)
+    server = managed_server(sweep, Workspace(sweep.workdir))
+    server.start()
+    try:  # the server's own listing, as `db status` shows it
+        size = {d["name"]: d["size_bytes"] for d in server.list_databases()}[db_name(sweep, "main")]
+    finally:
+        server.stop()
+    assert set(disk["measured"]) == {"main"} and abs(disk["measured"]["main"] - size) <= 0.05 * size
+    # the server's data directory is in the workdir: the database is part of what it holds
+    assert disk["databases_in_workdir_bytes"] == disk["measured"]["main"] < disk["workdir_bytes"]
+
+
+@pytest.mark.postgres
+@pytest.mark.skipif(not pg_available(), reason="PostgreSQL binaries not installed")
+def test_plan_measures_the_sweeps_schema_on_an_existing_server(open_tmp: Path, movie: dict[str, Path],
+                                                                lab: Any) -> None:
+    server, creds = lab
+    spec = write_spec(open_tmp, movie, name="fcext", grid=ONE, extra=lab_database(server.port))
+    out = run_sweep(load(spec))
+    assert (out.completed, out.failed) == (1, 0)
+    r = CliRunner().invoke(main, ["plan", "--json", str(spec)])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    schema = (load(spec).workdir / "pg-schema").read_text().strip()
+    nodes = lab_rows(creds, "SELECT pg_total_relation_size(%s::regclass)", (f"{schema}.nodes",))[0]
+    assert doc["disk"]["measured"]["main"] > nodes > 0
+    assert doc["disk"]["databases_in_workdir_bytes"] == 0  # the user's server keeps it elsewhere
+    assert doc["branches"]["parallel"] == 1  # a schema cannot be forked
