@@ -155,7 +155,8 @@ class Databases:
     def line(self) -> str:
         if not self.in_all:
             return "databases: none needed, nothing is left to run"
-        made = f", {self.new} new ({self.forks} of them forks)" if self.new else ""
+        forks = f" ({self.forks} of them forks)" if self.forks else ""
+        made = f", {self.new} new{forks}" if self.new else ""
         return f"databases: {self.in_all} in all{made}, at most {self.at_once} at once"
 
 

@@ -301,6 +301,9 @@ def _tree(runs: list[Any]) -> list[dict[str, Any]]:
         prefix = node.stage.section + "."
         out.append({"depth": depth, "stage": node.stage.label, "database": run.db, "step": steps[run.start],
                     "params": {k: v for k, v in node.owner.params.items() if k.startswith(prefix)}})
+        if depth == 0 and node.stage > Stage.SEGMENT:  # its parent a database holds: say which
+            upstream = tuple(s.section + "." for s in Stage if s < node.stage)
+            out[-1]["on"] = {k: v for k, v in node.owner.params.items() if k.startswith(upstream)}
         for child in node.children:
             walk(child, depth + 1)
 
@@ -318,6 +321,8 @@ def tree_lines(doc: dict[str, Any], limit: int = 40) -> list[str]:
     lines = ["the branches: stage run  (database, step: runs of one step start together)"]
     for n in tree[:limit]:
         what = " ".join(f"{k.split('.', 1)[1]}={v}" for k, v in n["params"].items()) or "(base config)"
+        if n.get("on"):
+            what += " on " + " ".join(f"{k.split('.', 1)[1]}={v}" for k, v in n["on"].items())
         lines.append(f"{'  ' * n['depth']}{'└ ' if n['depth'] else ''}{n['stage']} {what}  "
                      f"({n['database']}, step {n['step']})")
     if len(tree) > limit:

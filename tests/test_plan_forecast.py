@@ -24,7 +24,7 @@ from gridsearch.costs import StageCost
 from gridsearch.engine import plan_for, run_sweep
 from gridsearch.slurm import gateway
 from gridsearch.slurm.describe import describe_jobs, phase_arrays
-from gridsearch.spec import Sweep, load
+from gridsearch.spec import Sweep, Trial, load
 from gridsearch.stages import Stage
 from gridsearch.workspace import Workspace
 
@@ -119,6 +119,29 @@ def test_databases_are_the_roots_and_forks_of_the_branch_plan(tmp_path: Path, mo
     serial = simulate(order, 1)
     assert forecast.databases(serial, []) == forecast.Databases(1, 0, 0, 1)
     assert set(forecast.flights(serial).values()) == {1}
+
+
+def test_a_resumed_plan_goes_on_from_what_each_database_holds(tmp_path: Path, movie: dict[str, Path]) -> None:
+    """As the engine's Forest.start: a segment result main or a fork holds is not run again, its
+    children queue there, and new databases take names no existing one has."""
+    sweep = load(write_spec(tmp_path, movie, name="held", grid=EXAMPLE_GRID, extra="parallel: 3\n"))
+    order = [pt.trial for pt in plan_for(sweep, None).pending]
+    a, b = order[0], order[-1]  # the two segment configs
+    assert a.fingerprints[Stage.SEGMENT] != b.fingerprints[Stage.SEGMENT]
+    held = {"main": {Stage.SEGMENT: a.fingerprints[Stage.SEGMENT], Stage.LINK: None, Stage.SOLVE: None},
+            "f1": {Stage.SEGMENT: b.fingerprints[Stage.SEGMENT], Stage.LINK: None, Stage.SOLVE: None}}
+    sim = simulate(order, 3, held=held)
+    assert not [r for r in sim.runs if r.node.stage == Stage.SEGMENT]
+    assert len(sim.runs) == 4 + 12  # the links and solves
+    def first_link(t: Trial) -> str:
+        under = [r for r in sim.runs if r.node.stage == Stage.LINK
+                 and r.node.owner.fingerprints[Stage.SEGMENT] == t.fingerprints[Stage.SEGMENT]]
+        return min(under, key=lambda r: r.start).db
+
+    assert (first_link(a), first_link(b)) == ("main", "f1")
+    # no root is left to start on an empty database: every new one is a fork, named past f1
+    dbs = forecast.databases(sim, held)
+    assert dbs.new == dbs.forks == len({r.db for r in sim.runs} - {"main", "f1"}) > 0
 
 
 # ---- plan on screen and in JSON ---------------------------------------------------------------------
@@ -240,6 +263,8 @@ def test_plan_of_a_half_finished_sweep_with_branches(finished: Path) -> None:
     r = CliRunner().invoke(main, ["plan", str(spec)], env={"COLUMNS": "80"})
     lines = r.stdout.splitlines()
     assert max(len(ln) for ln in lines) <= 80
+    # main holds the last trial's segment and link: the runs on them say which they go on from
+    assert "solve appear_weight=-0.5 on min_area=60 max_distance=15.0  (main, step 1)" in lines
     block = lines[lines.index("what the rest of the plan runs:"):]
     n = doc["total_stage_runs"]
     assert block[1] == f"  local: {n} stage runs in {n} batches (one per stage run: SQLite), no jobs"
