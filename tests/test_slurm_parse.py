@@ -117,3 +117,4 @@ def test_parse_queue_sums_each_jobs_live_tasks_with_reasons() -> None:
     assert link.states == {"PENDING": 7, "COMPLETING": 1}
     assert link.reasons == {"QOSMaxJobsPerUserLimit": 6, "ReqNodeNotAvail, UnavailableNodes:node[01-02]": 1}
     assert parse_queue("") == [] and parse_queue("garbage\n") == []
+    assert parse_queue("7_[0-1]|7|7|0-1|PENDING|(Resources)|n\n")[0].reasons == {"Resources": 2}

@@ -169,6 +169,8 @@ def parse_queue(text: str) -> list[QueuedJob]:
         if len(parts) < 7:
             continue
         jobid, state, reason, name = parts[0], parts[4], "|".join(parts[5:-1]).strip(), parts[-1].strip()
+        if reason.startswith("(") and reason.endswith(")"):  # as %R prints it, should a site's squeue
+            reason = reason[1:-1]
         try:
             base, idx, _ = _task_key(jobid)
         except ValueError:  # not a job id this parser knows (a heterogeneous job's 12+0)
