@@ -251,15 +251,17 @@ def after_run(held: Mapping[Stage, str | None], node: Node) -> dict[Stage, str |
 
 
 def simulate(order: Sequence[Trial], parallel: int, cost: Mapping[Stage, float] | None = None,
-             fork_s: float = 0.0) -> Simulation:
+             fork_s: float = 0.0, held: Mapping[str, Mapping[Stage, str | None]] | None = None) -> Simulation:
     """The sweep's makespan when each stage run takes `cost[stage]` seconds and `parallel`
-    databases may be alive: the same decisions the engine takes, on a clock."""
+    databases may be alive: the same decisions the engine takes, on a clock. `held`: what the
+    existing databases hold (a resumed sweep goes on where each fork is), as Forest.start takes it."""
     import heapq
     import itertools
 
     costs = {**DEFAULT_COST, **(cost or {})}
-    counter = itertools.count(1)
-    forest = Forest.start(build_tree(order, costs), {}, parallel, lambda: f"f{next(counter)}")
+    taken = set(held or {})
+    names = (f"f{n}" for n in itertools.count(1) if f"f{n}" not in taken)
+    forest = Forest.start(build_tree(order, costs), held or {}, parallel, lambda: next(names))
     clock, seq, forks, widest = 0.0, itertools.count(), 0, 1
     events: list[tuple[float, int, str, Node]] = []
     runs: list[Run] = []

@@ -225,15 +225,19 @@ def _sweep_in_job(sw: Sweep, spec: Path, run: Callable[[], T], say: Callable[[st
               help="with --nodes: tasks each node runs at once")
 def plan(spec: str, as_json: bool, nodes: int | None, cpus_per_node: int) -> None:
     """Dry run: the trials in run order, where each starts, stage runs against the naive count,
-    how the branches overlap, and the estimated time once costs are measured."""
-    from gridsearch import views
-    from gridsearch.engine import existing_ledger, plan_for
+    how the branches overlap; then what the rest of the plan asks for: SLURM jobs and array tasks
+    (or local batches), databases and disk, and the estimated time once costs are measured."""
+    from gridsearch import screen, views
+    from gridsearch.engine import existing_state, plan_for
 
     sw = _load(spec)
-    with existing_ledger(sw) as led:
+    with existing_state(sw) as state:
+        led = state[1] if state is not None else None
         p = plan_for(sw, led)
         est = views.estimate(sw, led, p)
-        fan = views.branches(sw, led, p, nodes, cpus_per_node)
+        sim = views.simulated(sw, led, p)
+        fan = views.branches(sw, led, p, nodes, cpus_per_node, sim)
+        ahead = views.plan_forecast(sw, state, p, sim, est)
     runs = p.stage_runs()
     totals = {"stage_runs": {s.label: runs[s] for s in Stage}, "total_stage_runs": sum(runs.values()),
               "naive_stage_runs": p.naive_runs}
@@ -241,9 +245,9 @@ def plan(spec: str, as_json: bool, nodes: int | None, cpus_per_node: int) -> Non
     shown = p.trials if as_json else p.trials[:PLAN_ROWS]
     jobs: dict[str, list[str]] = {}
     if sw.executor.kind == "slurm":
-        from gridsearch.slurm.describe import describe_jobs
+        from gridsearch.slurm.describe import describe_jobs, one_each
 
-        jobs = {pt.trial.key: describe_jobs(sw, pt) for pt in shown}
+        jobs = {pt.trial.key: describe_jobs(sw, pt, ahead.per_task(pt.trial.key) or one_each) for pt in shown}
     rows = [
         {
             "trial": pt.trial.key,
@@ -257,7 +261,7 @@ def plan(spec: str, as_json: bool, nodes: int | None, cpus_per_node: int) -> Non
     ]
     if as_json:
         click.echo(json.dumps({"trials": rows, **totals, "estimate": views.estimate_doc(est),
-                               "branches": fan}, indent=1))
+                               "branches": fan, **ahead.doc()}, indent=1))
         return
     c = _console()
     c.print(f"{sw.name}: {len(p.trials)} trials")
@@ -266,8 +270,9 @@ def plan(spec: str, as_json: bool, nodes: int | None, cpus_per_node: int) -> Non
     for line in notes:
         c.print(line, highlight=False)
     for i, row in enumerate(rows, 1):
-        for line in row.get("jobs", []):
-            c.print(f"  {i:>3} {row['trial']} {line}")
+        for line in screen.wrap([f"{i:>3} {row['trial']} {j}" for j in row.get("jobs", [])], c.width,
+                                rest=" " * 19):
+            c.print(line, highlight=False, markup=False)
     if len(p.trials) > len(rows):
         c.print(f"... and {len(p.trials) - len(rows):,} more trials (every one: --json)")
     c.print(
@@ -276,16 +281,18 @@ def plan(spec: str, as_json: bool, nodes: int | None, cpus_per_node: int) -> Non
     )
     for line in views.tree_lines(fan):
         c.print(line, highlight=False, markup=False)
-    c.print(views.branches_line(fan, nodes))
-    if est is not None:
-        c.print(est.line())
+    for line in screen.wrap([views.branches_line(fan, nodes)], c.width, first="", rest="  "):
+        c.print(line, highlight=False, markup=False)
+    for line in views.forecast_lines(ahead, c.width):
+        c.print(line, highlight=False, markup=False)
 
 
 @main.command()
 @click.argument("spec", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True)
 def status(spec: str, as_json: bool) -> None:
-    """Trials by state, stage runs per stage (reruns included), what is running."""
+    """Trials by state, stage runs per stage (reruns included), what is running; on SLURM, the
+    sweep's jobs in the queue: tasks running and pending, and why they wait."""
     from gridsearch import views
 
     sw = _load(spec)
@@ -303,6 +310,8 @@ def status(spec: str, as_json: bool) -> None:
     for r in doc["running"]:
         c.print(f"  running: trial {r['trial_key']} {r['stage']} "
                 f"batch {r['batches_done']}/{r['batches_total']}")
+    for line in views.queue_lines(doc["slurm"], c.width):
+        c.print(line, highlight=False, markup=False)
     if doc["estimate"] is not None:
         c.print(doc["estimate"]["line"])
 

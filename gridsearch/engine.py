@@ -103,6 +103,13 @@ class _StageEvents:
 @contextlib.contextmanager
 def existing_ledger(sweep: Sweep) -> Iterator[Ledger | None]:
     """For read-only views: None when the sweep has no state yet (and nothing gets created)."""
+    with existing_state(sweep) as state:
+        yield None if state is None else state[1]
+
+
+@contextlib.contextmanager
+def existing_state(sweep: Sweep) -> Iterator[tuple[Backend, Ledger] | None]:
+    """existing_ledger with the backend it was opened through: `plan` measures the databases."""
     ws = Workspace(sweep.workdir)
     if not ws.exists():
         yield None
@@ -110,7 +117,7 @@ def existing_ledger(sweep: Sweep) -> Iterator[Ledger | None]:
     with open_backend(sweep, ws, read_only=True) as backend:
         ledger = Ledger(backend.ledger_url, sweep.name, backend.engine_kwargs, read_only=True)
         try:
-            yield ledger
+            yield backend, ledger
         finally:
             ledger.close()
 

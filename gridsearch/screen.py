@@ -4,6 +4,7 @@ Left to itself, rich squeezes every column until it fits, down to one letter per
 from __future__ import annotations
 
 import io
+import textwrap
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -54,6 +55,14 @@ def listing(head: str, names: Sequence[str], width: int) -> str:
             return line + ("" if i == 0 else ",") + " …"
         line += sep + name
     return line
+
+
+def wrap(texts: Iterable[str], width: int, first: str = "  ", rest: str = "      ") -> list[str]:
+    """Lines of text within `width`, never broken inside a word: a long one goes on, indented by
+    `rest` (a log or a terminal then never wraps it mid-word)."""
+    return [line for t in texts for line in textwrap.wrap(
+        t, width, initial_indent=first, subsequent_indent=rest, break_long_words=False,
+        break_on_hyphens=False)]
 
 
 def fit(columns: Sequence[str], rows: Sequence[Mapping[str, str]], width: int,

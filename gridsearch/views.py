@@ -7,19 +7,28 @@ import contextlib
 import dataclasses
 import itertools
 import math
+import os
+import statistics
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
 
-from gridsearch import costs, metrics, results, screen
+from gridsearch import costs, forecast, metrics, results, screen
+from gridsearch.backends import Backend
+from gridsearch.branches import MAIN, Simulation
 from gridsearch.core.errors import BadInput, GridsearchError
+from gridsearch.core.files import tree_bytes
 from gridsearch.engine import existing_ledger, plan_for
 from gridsearch.ledger import Ledger
 from gridsearch.planner import Plan
 from gridsearch.spec import CTC_METRICS, Sweep
 from gridsearch.stages import Stage
 from gridsearch.workspace import Workspace
+
+if TYPE_CHECKING:
+    from gridsearch.slurm.jobs import JobRow
+    from gridsearch.slurm.parse import QueuedJob
 
 # On screen after the trial, its swept values, its state and the objective (without --all).
 _SCREEN_FIGURES = (*CTC_METRICS, "tracks", "divisions", "mean_track_length")
@@ -65,8 +74,13 @@ def status(sweep: Sweep) -> dict[str, Any]:
     runs: dict[str, dict[str, int]] = {s.label: {} for s in Stage}
     running: list[dict[str, Any]] = []
     est: costs.Estimate | None = None
+    jobs: list[JobRow] | None = None
     with existing_ledger(sweep) as led:
         if led is not None:
+            if sweep.executor.kind == "slurm":
+                from gridsearch.slurm.jobs import JobStore
+
+                jobs = JobStore(led.engine).rows()
             est = estimate(sweep, led, plan_for(sweep, led))
             recs = led.records()
             by_state = dict.fromkeys(by_state, 0)
@@ -80,7 +94,79 @@ def status(sweep: Sweep) -> dict[str, Any]:
     return {"sweep": sweep.name, "workdir": str(sweep.workdir),
             "driver_pid": holder.pid if holder else None, "driver_host": holder.host if holder else None,
             "driver": holder.describe() if holder else None, "trials": by_state,
-            "stage_runs": runs, "running": running if holder else [], "estimate": estimate_doc(est)}
+            "stage_runs": runs, "running": running if holder else [], "estimate": estimate_doc(est),
+            "slurm": slurm_queue(sweep, jobs) if sweep.executor.kind == "slurm" else None}
+
+
+def slurm_queue(sweep: Sweep, rows: Sequence[JobRow] | None) -> dict[str, Any]:
+    """What SLURM has of the sweep, from one squeue call for its job names (the stage arrays, the
+    server job, a driver job): per job, tasks running and pending and why they wait. A scheduler
+    that does not answer is said in one line: the rest of the view stands without it."""
+    from gridsearch.slurm import gateway, job_name, job_names, sweep_tag
+
+    names = [*job_names(sweep), job_name(sweep, "driver")]
+    try:
+        queued = gateway.queued(names)
+    except gateway.SlurmError as e:
+        return {"error": str(e), "jobs": []}
+    return {"error": None, "jobs": queue_jobs(sweep_tag(sweep), queued, rows)}
+
+
+def queue_jobs(tag: str, queued: Sequence[QueuedJob],
+               rows: Sequence[JobRow] | None) -> list[dict[str, Any]]:
+    """squeue's jobs with what the ledger recorded of them (gs_slurm_job: the stage run's trial;
+    `rows` None: no ledger yet), the driver and server jobs first, then the arrays in job id
+    order. An array of the sweep's names no driver recorded is one `sweep` cancels before it
+    clears anything."""
+    by_id = {r.job_id: r for r in rows or []}  # the latest row of a job id wins
+    out = []
+    for q in queued:
+        what = q.name[len(tag) + 1:] if q.name.startswith(tag + "-") else q.name
+        row = by_id.get(q.job_id)
+        out.append({"job_id": q.job_id, "name": q.name, "what": what, "array": q.array,
+                    "trial_key": row.trial_key if row else None, "attempt": row.attempt if row else None,
+                    "recorded": None if rows is None else row is not None, "running": q.running,
+                    "pending": q.pending, "states": q.states, "reasons": q.reasons})
+    return sorted(out, key=lambda j: j["what"] not in ("driver", "server"))
+
+
+def queue_lines(doc: dict[str, Any] | None, width: int) -> list[str]:
+    """`status`'s SLURM lines, each within `width` (a long one goes on, indented)."""
+    if doc is None:
+        return []
+    if doc["error"]:
+        return screen.wrap([f"slurm: scheduler not answering: {doc['error']}"], width, "", "  ")
+    jobs = doc["jobs"]
+    if not jobs:
+        return ["slurm: nothing of this sweep is queued or running"]
+    texts = []
+    for j in jobs:
+        head = f"{j['what']} {j['job_id']}"
+        if j["trial_key"]:
+            head += f", trial {j['trial_key']}" + (f", retry {j['attempt']}" if j["attempt"] else "")
+        elif j["recorded"] is False and j["what"] in ("segment", "link", "solve"):
+            head += ", recorded by no driver"
+        states = dict(j["states"])
+        if not j["array"]:
+            counts = next(iter(states), "UNKNOWN").lower()
+        else:
+            order = sorted(states, key=lambda w: (w != "RUNNING", w != "PENDING"))
+            counts = ", ".join(f"{states[w]} {w.lower()}" for w in order)
+        reasons = j["reasons"]
+        why = ""
+        if len(reasons) == 1 and (not j["array"] or next(iter(reasons.values())) == j["pending"]):
+            why = f" ({next(iter(reasons))})"
+        elif reasons:  # a reason may hold commas (ReqNodeNotAvail, UnavailableNodes:...)
+            why = " (" + "; ".join(f"{n} {r}" for r, n in reasons.items()) + ")"
+        texts.append(f"{head}: {counts}{why}")
+    n = len(jobs)
+    return [f"slurm: {n} job{'' if n == 1 else 's'} of this sweep queued or running",
+            *screen.wrap(texts, width)]
+
+
+def forecast_lines(ahead: forecast.Forecast, width: int) -> list[str]:
+    """`plan`'s summary block: a heading, then each line within `width`."""
+    return [ahead.heading, *screen.wrap(ahead.texts(), width)]
 
 
 def _no_such_column(option: str, name: str, columns: Sequence[str]) -> BadInput:
@@ -159,14 +245,31 @@ def _cell(v: Any, rounded: bool = True) -> str:
     return f"{v:.3f}" if rounded and isinstance(v, float) else str(v)
 
 
+def effective_parallel(sweep: Sweep) -> int:
+    """Databases alive at once as the engine will have them: a schema on an existing server
+    cannot be forked, and its branches run one after another."""
+    db = sweep.database
+    return 1 if db.kind == "postgresql" and not db.managed else sweep.parallel
+
+
+def simulated(sweep: Sweep, led: Ledger | None, plan: Plan) -> Simulation:
+    """The engine's branch decisions on a clock (unmeasured stage costs), from what the
+    databases hold: the tree `plan` draws, its databases and the branches in flight."""
+    from gridsearch.branches import DEFAULT_COST, simulate
+
+    k = effective_parallel(sweep)
+    held = None
+    if led is not None:  # serial: main alone, as the serial driver runs
+        held = {n: led.held(n) for n in (set(led.databases()) | {MAIN} if k > 1 else {MAIN})}
+    return simulate([pt.trial for pt in plan.pending], k, DEFAULT_COST, held=held)
+
+
 def branches(sweep: Sweep, led: Ledger | None, plan: Plan, nodes: int | None = None,
-             cpus_per_node: int = 1) -> dict[str, Any]:
+             cpus_per_node: int = 1, sim: Simulation | None = None) -> dict[str, Any]:
     """How the branches of the plan overlap with `parallel` databases: forks, how many stage runs
     at once, and (once every stage is measured) the simulated makespan, on `nodes` nodes if given
     (SLURM's max_parallel still caps the tasks at once)."""
-    from gridsearch.branches import DEFAULT_COST, simulate
-
-    k = sweep.parallel
+    k = effective_parallel(sweep)
     order = [pt.trial for pt in plan.pending]
     doc: dict[str, Any] = {"parallel": k, "forks": 0, "runs_at_once": 1 if order else 0, "makespan_s": None}
     if not order:
@@ -177,9 +280,9 @@ def branches(sweep: Sweep, led: Ledger | None, plan: Plan, nodes: int | None = N
         slots = nodes * max(1, cpus_per_node)
         cap = sweep.executor.max_parallel if sweep.executor.kind == "slurm" else slots
         work = dataclasses.replace(work, parallelism=max(1, min(slots, cap)))
-    sim = simulate(order, k, DEFAULT_COST)
+    sim = sim or simulated(sweep, led, plan)
     edges = sorted([(r.start, 1) for r in sim.runs] + [(r.end, -1) for r in sim.runs])
-    doc.update(forks=sim.forks, runs_at_once=max(itertools.accumulate(d for _, d in edges)),
+    doc.update(forks=sim.forks, runs_at_once=max(itertools.accumulate(d for _, d in edges), default=0),
                tree=_tree(sim.runs))
     est = costs.branch_estimate(plan, measured, work, k)
     if est is not None:
@@ -201,6 +304,9 @@ def _tree(runs: list[Any]) -> list[dict[str, Any]]:
         prefix = node.stage.section + "."
         out.append({"depth": depth, "stage": node.stage.label, "database": run.db, "step": steps[run.start],
                     "params": {k: v for k, v in node.owner.params.items() if k.startswith(prefix)}})
+        if depth == 0 and node.stage > Stage.SEGMENT:  # its parent a database holds: say which
+            upstream = tuple(s.section + "." for s in Stage if s < node.stage)
+            out[-1]["on"] = {k: v for k, v in node.owner.params.items() if k.startswith(upstream)}
         for child in node.children:
             walk(child, depth + 1)
 
@@ -218,6 +324,8 @@ def tree_lines(doc: dict[str, Any], limit: int = 40) -> list[str]:
     lines = ["the branches: stage run  (database, step: runs of one step start together)"]
     for n in tree[:limit]:
         what = " ".join(f"{k.split('.', 1)[1]}={v}" for k, v in n["params"].items()) or "(base config)"
+        if n.get("on"):
+            what += " on " + " ".join(f"{k.split('.', 1)[1]}={v}" for k, v in n["on"].items())
         lines.append(f"{'  ' * n['depth']}{'└ ' if n['depth'] else ''}{n['stage']} {what}  "
                      f"({n['database']}, step {n['step']})")
     if len(tree) > limit:
@@ -234,3 +342,55 @@ def branches_line(doc: dict[str, Any], nodes: int | None) -> str:
     elif nodes:
         line += "; no makespan until every stage has measured batches (run a few trials first)"
     return line
+
+
+def plan_forecast(sweep: Sweep, state: tuple[Backend, Ledger] | None, plan: Plan, sim: Simulation,
+                  est: costs.Estimate | None) -> forecast.Forecast:
+    """`plan`'s summary before submitting, from what is measured: stage costs (right-sized
+    tasks), the databases' sizes and the workdir; SLURM's MaxArraySize, and the partition's
+    CPUs once tasks are right-sized (scontrol, sinfo: asked only then)."""
+    from gridsearch.slurm import describe, gateway
+
+    backend, led = state if state is not None else (None, None)
+    return forecast.build(
+        sweep, plan, sim, led.databases() if led is not None else [], _disk(sweep, backend, led, plan), est,
+        measured=costs.stage_costs(led.measured_batches()) if led is not None else {},
+        limit=lambda: describe.max_array_size(), cpus=lambda: gateway.cluster_cpus(sweep.executor.partition),
+        parallel_writers=sweep.database.kind == "postgresql")
+
+
+def _disk(sweep: Sweep, backend: Backend | None, led: Ledger | None, plan: Plan) -> forecast.Disk:
+    """Measured now: the databases that hold a segment result (an empty one says nothing of the
+    size a database reaches), the workdir, a finished trial's exports."""
+    import sqlalchemy as sa
+
+    ws = Workspace(sweep.workdir)
+    if backend is None or led is None:
+        return forecast.Disk({}, 0, tree_bytes(ws.root) if ws.root.is_dir() else None)
+    names = sorted(n for n in set(led.databases()) | {MAIN} if led.held(n).get(Stage.SEGMENT))
+    try:
+        sizes = backend.database_sizes(names, led.engine) if names else {}
+    except sa.exc.SQLAlchemyError:  # not ours to measure (privileges): unknown, not a failed view
+        sizes = {}
+    inside = sum(sizes.values()) if sweep.database.kind == "sqlite" or sweep.database.managed else 0
+    per_trial, trials = _exports(ws, led.finished_keys())
+    return forecast.Disk(sizes, 0, tree_bytes(ws.root, skip=("trials",)) + trials, inside, per_trial,
+                         len(plan.pending))
+
+
+def _exports(ws: Workspace, finished: set[str], sample: int = 100) -> tuple[int | None, int]:
+    """A finished trial's exports (the mean of up to `sample` of them, spread over the keys) and
+    the bytes trials/ holds: walked whole up to 1,000 trial dirs, else from the sample (a trial's
+    label images are a file per frame: 10,000 trials would be millions of stats)."""
+    root = ws.root / "trials"
+    keys = sorted(k for k in finished if ws.trial_dir(k).is_dir())
+    per = None
+    if keys:
+        picked = keys[::max(1, len(keys) // sample)][:sample]
+        per = round(statistics.mean(tree_bytes(ws.trial_dir(k)) for k in picked))
+    try:
+        with os.scandir(root) as entries:
+            dirs = sum(1 for _ in entries)
+    except OSError:
+        return per, 0
+    return per, tree_bytes(root) if dirs <= 1000 else (per or 0) * len(keys)

@@ -84,3 +84,37 @@ def test_array_syntax_split_and_script_have_no_secret(tmp_path: Path) -> None:
     assert "s3cret" not in " ".join(argv) + body
     many = script(ArrayRequest("gs-x-link", "link", [0, 1], 3, [], tmp_path, per_task=4, last=9), [])
     assert "--batch $((SLURM_ARRAY_TASK_ID * 4 + 3)) --count 4 --last 9" in many
+
+
+# What `status` reads: squeue -h -t all -o '%i|%A|%F|%K|%T|%r|%j' for the sweep's names (SLURM 22.05:
+# a pending range as 1210_[3-9%4], each started task on its own line, a plain job as N/A).
+QUEUE = """\
+1200|1200|1200|N/A|PENDING|Priority|gs-t-abc123-driver
+1201|1201|1201|N/A|RUNNING|None|gs-t-abc123-server
+1210_[3-9%4]|1210|1210|3-9%4|PENDING|JobArrayTaskLimit|gs-t-abc123-segment
+1210_0|1211|1210|0|RUNNING|None|gs-t-abc123-segment
+1210_1|1212|1210|1|RUNNING|None|gs-t-abc123-segment
+1210_2|1213|1210|2|COMPLETED|None|gs-t-abc123-segment
+1214_[0-8%4]|1214|1214|0-8%4|PENDING|Dependency|gs-t-abc123-link
+1220_[0-4,7]|1220|1220|0-4,7|PENDING|QOSMaxJobsPerUserLimit|gs-t-abc123-link
+1220_5|1221|1220|5|PENDING|ReqNodeNotAvail, UnavailableNodes:node[01-02]|gs-t-abc123-link
+1220_6|1222|1220|6|COMPLETING|None|gs-t-abc123-link
+1190_0|1191|1190|0|COMPLETED|None|gs-t-abc123-solve
+"""
+
+
+def test_parse_queue_sums_each_jobs_live_tasks_with_reasons() -> None:
+    from gridsearch.slurm.parse import QueuedJob, parse_queue
+
+    jobs = {q.job_id: q for q in parse_queue(QUEUE)}
+    assert list(jobs) == ["1200", "1201", "1210", "1214", "1220"]  # 1190 has only finished tasks
+    assert jobs["1200"] == QueuedJob("1200", "gs-t-abc123-driver", False, {"PENDING": 1}, {"Priority": 1})
+    assert jobs["1201"] == QueuedJob("1201", "gs-t-abc123-server", False, {"RUNNING": 1}, {})
+    seg = jobs["1210"]
+    assert seg.array and (seg.running, seg.pending) == (2, 7) and seg.reasons == {"JobArrayTaskLimit": 7}
+    assert jobs["1214"].states == {"PENDING": 9} and jobs["1214"].reasons == {"Dependency": 9}
+    link = jobs["1220"]
+    assert link.states == {"PENDING": 7, "COMPLETING": 1}
+    assert link.reasons == {"QOSMaxJobsPerUserLimit": 6, "ReqNodeNotAvail, UnavailableNodes:node[01-02]": 1}
+    assert parse_queue("") == [] and parse_queue("garbage\n") == []
+    assert parse_queue("7_[0-1]|7|7|0-1|PENDING|(Resources)|n\n")[0].reasons == {"Resources": 2}

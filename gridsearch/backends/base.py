@@ -10,13 +10,17 @@ import os
 import re
 import shutil
 import sqlite3
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gridsearch.core.errors import GridsearchError
 from gridsearch.ultrackdb import UltrackDB
 from gridsearch.workspace import Workspace
+
+if TYPE_CHECKING:
+    import sqlalchemy as sa
 
 MAIN = "main"  # engine.MAIN_DB: the database trials run in; never a fork, never dropped here
 # Forks are named f<number>: a fixed pattern lets forks() find them among the server's databases
@@ -181,6 +185,12 @@ class Backend:
         """Forks that exist in the workdir (a half copy included): the scheduler drops those the
         ledger does not know."""
         return sorted(fork_dirs(self.ws), key=_fork_number)
+
+    def database_sizes(self, names: Iterable[str], ledger: sa.Engine) -> dict[str, int]:
+        """Bytes on disk of each named ultrack database that exists (`ledger`: an engine on the
+        sweep's ledger, for servers): what `plan` multiplies by the databases alive at once.
+        SQLite: the working dir, data.db with it, as fork_room measures a source."""
+        return {n: dir_size(self.ws.db_dir(n)) for n in names if (self.ws.db_dir(n) / _SQLITE_FILE).is_file()}
 
 
 def _fork_number(name: str) -> int:

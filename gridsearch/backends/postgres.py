@@ -8,17 +8,19 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
 import psycopg
+import sqlalchemy as sa
 from psycopg import sql
 
 from gridsearch.backends import schemas
 from gridsearch.backends.base import (
     FORK_NAME,
+    MAIN,
     Backend,
     ForkError,
     check_fork_name,
@@ -133,6 +135,28 @@ class PostgresBackend(Backend):
             if _is_fork(what) and db_name(sweep, what) == db["name"]:
                 names.add(what)
         return sorted(names, key=lambda n: int(n[1:]))
+
+    def database_sizes(self, names: Iterable[str], ledger: sa.Engine) -> dict[str, int]:
+        """pg_database_size of each of the sweep's databases on the server, read through the
+        ledger's own connection (a view over TCP has no admin one). On an existing server the
+        sweep is one schema of the user's database: main is the size of that schema's tables (the
+        ledger's too, a small part); a workdir from before schemas shares `public`: unknown."""
+        names = list(names)
+        if self.sweep is None:
+            return {}
+        with ledger.connect() as c:
+            if self.create_databases:
+                want = {db_name(self.sweep, n): n for n in names}
+                rows = c.execute(sa.text("SELECT datname, pg_database_size(datname) FROM pg_database "
+                                         "WHERE datname = ANY(:names)"), {"names": list(want)})
+                return {want[d]: int(size) for d, size in rows}
+            if self.schema is None or MAIN not in names:
+                return {}
+            size = c.execute(sa.text(
+                "SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0) FROM pg_class c JOIN pg_namespace n "
+                "ON n.oid = c.relnamespace WHERE n.nspname = :schema AND c.relkind IN ('r', 'm')"),
+                {"schema": self.schema}).scalar_one()
+            return {MAIN: int(size)}
 
     def _forking(self) -> tuple[PostgresServer, Sweep]:
         if not self.can_fork or self.server is None or self.sweep is None:

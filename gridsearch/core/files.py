@@ -57,3 +57,28 @@ def stamp() -> str:
     script, a quick retry) must not collide on their archive's name."""
     now = time.time()
     return time.strftime("%Y%m%d%H%M%S", time.localtime(now)) + f"{int(now * 1000) % 1000:03d}"
+
+
+def tree_bytes(path: Path, skip: tuple[str, ...] = ()) -> int:
+    """Bytes of the files under ``path`` (0 if it does not exist), without following links and
+    without the entries of ``path`` itself named in ``skip``. One scandir per directory: a
+    workdir's logs hold a file per SLURM task. What cannot be read counts as nothing."""
+    total = 0
+    stack = [(path, True)]
+    while stack:
+        here, top = stack.pop()
+        try:
+            with os.scandir(here) as entries:
+                for e in entries:
+                    if top and e.name in skip:
+                        continue
+                    try:
+                        if e.is_dir(follow_symlinks=False):
+                            stack.append((Path(e.path), False))
+                        elif e.is_file(follow_symlinks=False):
+                            total += e.stat(follow_symlinks=False).st_size
+                    except OSError:
+                        continue
+        except OSError:
+            continue
+    return total

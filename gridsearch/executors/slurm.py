@@ -243,10 +243,7 @@ class SlurmExecutor(Executor):
         allow, shared among the branches in flight."""
         if self._cpus == 0:
             self._cpus = gateway.cluster_cpus(self.spec.partition)
-        cpus = self._cpus
-        res = self.spec.stages.get(stage.label) or gateway.DEFAULT_RESOURCES[stage.label]  # type: ignore[call-overload]
-        slots = self.spec.max_parallel if cpus is None else min(self.spec.max_parallel,
-                                                                 max(1, cpus // max(1, res.cpus)))
+        slots = gateway.task_slots(self.spec, stage.label, self._cpus)
         return max(1, slots // max(1, len(self.flights)))
 
     def _failure(self, give_up: GiveUp) -> StageFailed:

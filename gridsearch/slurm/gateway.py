@@ -31,10 +31,12 @@ from gridsearch.slurm.parse import (
     SQUEUE_FORMAT,
     UNKNOWN,
     Key,
+    QueuedJob,
     TaskState,
     compact,
     duration_s,
     merge,
+    parse_queue,
     parse_sacct,
     parse_squeue,
 )
@@ -238,6 +240,16 @@ def cluster_cpus(partition: str | None = None) -> int | None:
     return total if r.returncode == 0 and total > 0 else None
 
 
+def task_slots(spec: ExecutorSpec, stage: str, cpus: int | None) -> int:
+    """Tasks of `stage` that may run at once: max_parallel, no more than the partition's CPUs
+    (`cluster_cpus`; None: unknown) hold tasks of the stage's `cpus`. The executor sizes tasks
+    by it and `plan` counts them by it."""
+    res = spec.stages.get(stage) or DEFAULT_RESOURCES[stage]  # type: ignore[call-overload]
+    if cpus is None:
+        return spec.max_parallel
+    return min(spec.max_parallel, max(1, cpus // max(1, res.cpus)))
+
+
 def scancel_ids(ids: Sequence[str]) -> None:
     if ids:
         _run(["scancel", *ids])
@@ -271,6 +283,16 @@ def time_left(job_id: str) -> float | None:
     if r.returncode != 0:
         raise SlurmError(f"squeue failed: {first_line(r.stderr or r.stdout)}")
     return duration_s((r.stdout.strip().splitlines() or [""])[0])
+
+
+def queued(names: Sequence[str], timeout: float = 30) -> list[QueuedJob]:
+    """What `status` shows of the named jobs: their live tasks, from one squeue call. `-t all`
+    rather than a list of live states, which an older squeue may refuse a word of; the parser
+    keeps the live ones. A scheduler that does not answer is not waited out (a view says so)."""
+    r = _run(["squeue", "-h", "-t", "all", "-n", ",".join(names), "-o", SQUEUE_FORMAT], timeout=timeout)
+    if r.returncode != 0:
+        raise SlurmError(f"squeue failed: {first_line(r.stderr or r.stdout)}")
+    return parse_queue(r.stdout)
 
 
 def queue_position(job_id: str) -> int | None:

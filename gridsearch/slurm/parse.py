@@ -7,8 +7,9 @@ one COMPLETED plain job); only the first word of State counts ('CANCELLED by 0')
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # The one set of states in which a job or task may still run (or is about to): every wait uses it.
 LIVE_STATES = frozenset({
@@ -133,6 +134,60 @@ def parse_squeue(text: str) -> dict[Key, TaskState]:
     for jobid, _raw, _array, _idx, state, reason, _name in _rows(text, 7):
         _add(out, jobid, state, reason)
     return out
+
+
+@dataclass(frozen=True)
+class QueuedJob:
+    """One job of a sweep as `status` shows it: a single job (the server) or an array, its live
+    tasks counted by state, with the reasons SLURM gives for the pending ones."""
+
+    job_id: str  # the array's job id, or the job's
+    name: str
+    array: bool
+    states: dict[str, int] = field(default_factory=dict)  # live tasks by state word
+    reasons: dict[str, int] = field(default_factory=dict)  # pending tasks by SLURM's reason
+
+    @property
+    def running(self) -> int:
+        return self.states.get("RUNNING", 0)
+
+    @property
+    def pending(self) -> int:
+        return self.states.get("PENDING", 0)
+
+
+def parse_queue(text: str) -> list[QueuedJob]:
+    """Lines of `squeue -h -t all -o SQUEUE_FORMAT` summed per job, in job id order: a pending
+    range row ('12_[3-9%4]') counts as its 7 tasks; tasks past the live states (finished ones
+    squeue still remembers) are left out. The name is the last field, the reason everything
+    between the state and it (a reason is free text)."""
+    states: dict[str, Counter[str]] = {}
+    reasons: dict[str, Counter[str]] = {}
+    meta: dict[str, tuple[str, bool]] = {}
+    for line in text.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) < 7:
+            continue
+        jobid, state, reason, name = parts[0], parts[4], "|".join(parts[5:-1]).strip(), parts[-1].strip()
+        if reason.startswith("(") and reason.endswith(")"):  # as %R prints it, should a site's squeue
+            reason = reason[1:-1]
+        try:
+            base, idx, _ = _task_key(jobid)
+        except ValueError:  # not a job id this parser knows (a heterogeneous job's 12+0)
+            continue
+        word = state.split()[0] if state.strip() else UNKNOWN
+        meta.setdefault(base, (name, idx is not None))
+        states.setdefault(base, Counter())
+        reasons.setdefault(base, Counter())
+        if word not in LIVE_STATES:
+            continue
+        n = 1 if idx is None else len(idx)
+        states[base][word] += n
+        if word == "PENDING" and reason and reason != "None":
+            reasons[base][reason] += n
+    order = sorted(meta, key=lambda j: (len(j), j))  # numeric order of digit strings
+    return [QueuedJob(j, meta[j][0], meta[j][1], dict(states[j]), dict(reasons[j].most_common()))
+            for j in order if states[j]]
 
 
 def parse_sacct(text: str) -> dict[Key, TaskState]:
