@@ -71,8 +71,15 @@ def test_a_driver_job_hits_its_time_limit_and_its_successor_finishes(
         again = _cli("sweep", "--submit", str(spec))  # one driver per sweep
         assert again.returncode == 1 and f"already queued as SLURM job {first}" in again.stderr
         _wait("the driver job to run", lambda: (first, "RUNNING") in _drivers(spec), 120)
-        _wait("the driver to take the workdir",
-              lambda: "driver running" in _cli("status", str(spec)).stdout, 120)
+        seen: list[str] = []  # `status` from this (submitting) node while the driver job works
+
+        def driving() -> bool:
+            seen.append(_cli("status", str(spec)).stdout)
+            return "driver running" in seen[-1]
+
+        _wait("the driver to take the workdir", driving, 120)
+        assert f"  driver {first}: running" in seen[-1].splitlines(), seen[-1]
+        assert re.search(r"^  server \d+: running$", seen[-1], re.M), seen[-1]
         _wait("the sweep's end", lambda: not any(s in ("RUNNING", "PENDING") for _, s in _drivers(spec)), 900)
         logs = _logs(spec)
         df, rows = _ledger(spec)

@@ -98,7 +98,7 @@ def test_status_shows_queued_and_running_jobs_at_80_columns(tmp_path: Path, movi
     r = CliRunner().invoke(main, ["status", str(spec)], env={"COLUMNS": "80"})
     assert r.exit_code == 0, r.output
     lines = r.stdout.splitlines()
-    assert max(len(ln) for ln in lines) <= 80
+    assert max(len(ln) for ln in lines if str(sweep.workdir) not in ln) <= 80  # a path is never cut
     at = lines.index("slurm: 5 jobs of this sweep queued or running")
     assert lines[at + 1:at + 5] == [
         "  driver 1200: pending (Priority)",
@@ -126,11 +126,12 @@ def test_status_shows_queued_and_running_jobs_at_80_columns(tmp_path: Path, movi
 def test_status_says_when_the_scheduler_does_not_answer(tmp_path: Path, movie: dict[str, Path],
                                                          squeue) -> None:  # type: ignore[no-untyped-def]
     spec = write_spec(tmp_path, movie, name="sldown", grid=EXAMPLE_GRID, extra=SLURM)
+    sweep = load(spec)
     squeue("slurm_load_jobs error: Unable to contact slurm controller (connect failure)\n", code=1)
     r = CliRunner().invoke(main, ["status", str(spec)], env={"COLUMNS": "80"})
     assert r.exit_code == 0, r.output
     lines = r.stdout.splitlines()
-    assert max(len(ln) for ln in lines) <= 80
+    assert max(len(ln) for ln in lines if str(sweep.workdir) not in ln) <= 80  # a path is never cut
     at = lines.index("slurm: scheduler not answering: squeue failed: slurm_load_jobs error: Unable to")
     assert lines[at + 1] == "  contact slurm controller (connect failure)"
     assert "trials: done 0, failed 0, running 0, pending 12" in lines  # the rest of the view stands
@@ -140,3 +141,23 @@ def test_status_says_when_the_scheduler_does_not_answer(tmp_path: Path, movie: d
     squeue("")
     r = CliRunner().invoke(main, ["status", str(spec)], env={"COLUMNS": "80"})
     assert "slurm: nothing of this sweep is queued or running" in r.stdout.splitlines()
+
+
+def test_a_view_that_cannot_tell_whether_the_server_job_runs_says_so(
+    open_tmp: Path, movie: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server job's ready file names a job, and squeue cannot be run (here: not on PATH, as on
+    a node without SLURM's clients; a timeout ends the same way): guessing "not running" could
+    start a second server on its files, so the view stops in one line."""
+    spec = write_spec(open_tmp, movie, name="sldown2", grid=EXAMPLE_GRID, extra=SLURM)
+    workdir = load(spec).workdir
+    (workdir / "postgres").mkdir(parents=True)
+    (workdir / "postgres.ready").write_text("4242 node07:5433\n")
+    empty = open_tmp / "no-slurm"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    r = CliRunner().invoke(main, ["status", str(spec)], env={"COLUMNS": "80"})
+    assert r.exit_code == 1, r.output
+    assert r.stderr.splitlines() == [
+        f"error: {workdir}: cannot tell whether the sweep's server job runs (squeue: No such file or "
+        "directory); try again once the scheduler answers"]

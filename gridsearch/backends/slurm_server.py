@@ -25,7 +25,7 @@ from gridsearch.backends.postgres import (
     sweep_dbs,
     tcp_view,
 )
-from gridsearch.core.errors import ignore
+from gridsearch.core.errors import GridsearchError, ignore
 from gridsearch.core.files import tail
 from gridsearch.core.secrets import read_pgpass, write_pgpass
 from gridsearch.core.waiting import wait_until
@@ -34,6 +34,7 @@ from gridsearch.postgres.serve import read_ready
 from gridsearch.slurm import job_name
 from gridsearch.slurm.gateway import (
     PATIENCE_S,
+    SlurmError,
     job_state,
     job_state_reason,
     patiently,
@@ -183,7 +184,11 @@ def open_server_job(sweep: Sweep, ws: Workspace,
 def remote_view(sweep: Sweep, ws: Workspace) -> PostgresBackend | None:
     """A view of a SLURM sweep whose server job runs on another node: over TCP, never by starting
     a second server on the shared data directory (two postmasters would corrupt it)."""
-    live = live_server(ws)
+    try:
+        live = live_server(ws)
+    except SlurmError as e:  # guessing "not running" could start a second server on its files
+        raise GridsearchError(f"{ws.root}: cannot tell whether the sweep's server job runs ({e}); "
+                              "try again once the scheduler answers") from None
     if live is None or is_this_host(live[1]):
         return None  # not running, or on this node: the unix socket path works
     job, host, port = live
