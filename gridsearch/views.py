@@ -335,8 +335,13 @@ def tree_lines(doc: dict[str, Any], limit: int = 40) -> list[str]:
 
 def branches_line(doc: dict[str, Any], nodes: int | None) -> str:
     where = f" on {nodes} node(s), {doc.get('parallelism')} tasks at once" if nodes else ""
-    line = (f"branches: up to {doc['parallel']} database(s) at once, {doc['forks']} fork(s), "
-            f"up to {doc['runs_at_once']} stage run(s) at the same time")
+    if doc["runs_at_once"] == 0:
+        line = "branches: no stage run left"
+    elif doc["runs_at_once"] == 1 and not doc["forks"]:
+        line = "branches: one stage run at a time, on one database"
+    else:
+        line = (f"branches: up to {doc['parallel']} database(s) at once, {doc['forks']} fork(s), "
+                f"up to {doc['runs_at_once']} stage run(s) at the same time")
     if doc["makespan_s"] is not None:
         line += f"; simulated makespan{where}: {costs.duration(doc['makespan_s'])}"
     elif nodes:
