@@ -45,13 +45,15 @@ def _other_host(argv: list[str], env: dict[str, str] | None = None) -> subproces
 
 
 def _postmasters(data_dir: Path) -> list[int]:
-    """Postmasters on data_dir (their children rename themselves `postgres: ...`)."""
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
+    """Postmasters on data_dir. Their children rename themselves `postgres: ...`, but a backend
+    just forked for a connection (a probe) still shows its parent's command line for a moment:
+    a match whose parent also matches is such a child, not a second postmaster."""
+    found: dict[int, int] = {}
+    for p in psutil.process_iter(["cmdline", "ppid"]):
         cmd = p.info["cmdline"] or []
         if cmd and Path(cmd[0]).name == "postgres" and str(data_dir) in cmd:
-            found.append(p.pid)
-    return found
+            found[p.pid] = p.info["ppid"]
+    return sorted(pid for pid, parent in found.items() if parent not in found)
 
 
 def _log_count(log: Path, text: str) -> int:
