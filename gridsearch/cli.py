@@ -314,6 +314,8 @@ def status(spec: str, as_json: bool) -> None:
         c.print(line, highlight=False, markup=False)
     if doc["estimate"] is not None:
         c.print(doc["estimate"]["line"])
+    elif doc["trials_left_to_run"] == 0:
+        c.print("nothing left to run")
 
 
 @main.command()

@@ -54,8 +54,9 @@ def results_rows(sweep: Sweep) -> list[dict[str, Any]]:
 
 def estimate(sweep: Sweep, led: Ledger | None, plan: Plan) -> costs.Estimate | None:
     """What the plan's pending stage runs will cost, from this sweep's measured batches; None until
-    every stage they need is measured (costs.MIN_BATCHES)."""
-    if led is None:
+    every stage they need is measured (costs.MIN_BATCHES), and when nothing is left to run (an
+    estimate of nothing is no news)."""
+    if led is None or not plan.pending:
         return None
     return costs.branch_estimate(plan, costs.stage_costs(led.measured_batches()), costs.workload(sweep),
                                  sweep.parallel)
@@ -74,6 +75,7 @@ def status(sweep: Sweep) -> dict[str, Any]:
     runs: dict[str, dict[str, int]] = {s.label: {} for s in Stage}
     running: list[dict[str, Any]] = []
     est: costs.Estimate | None = None
+    left = len(sweep.trials)  # trials the next sweep would run (failed ones are retried)
     jobs: list[JobRow] | None = None
     with existing_ledger(sweep) as led:
         if led is not None:
@@ -81,7 +83,8 @@ def status(sweep: Sweep) -> dict[str, Any]:
                 from gridsearch.slurm.jobs import JobStore
 
                 jobs = JobStore(led.engine).rows()
-            est = estimate(sweep, led, plan_for(sweep, led))
+            plan = plan_for(sweep, led)
+            est, left = estimate(sweep, led, plan), len(plan.pending)
             recs = led.records()
             by_state = dict.fromkeys(by_state, 0)
             for t in sweep.trials:
@@ -95,6 +98,7 @@ def status(sweep: Sweep) -> dict[str, Any]:
             "driver_pid": holder.pid if holder else None, "driver_host": holder.host if holder else None,
             "driver": holder.describe() if holder else None, "trials": by_state,
             "stage_runs": runs, "running": running if holder else [], "estimate": estimate_doc(est),
+            "trials_left_to_run": left,
             "slurm": slurm_queue(sweep, jobs) if sweep.executor.kind == "slurm" else None}
 
 
