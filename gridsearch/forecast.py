@@ -73,6 +73,7 @@ class Work:
     batches: int  # batches of ultrack's stages (SLURM: before tasks are right-sized)
     arrays: int = 0  # SLURM: sbatch calls for stage arrays
     server_job: int = 0  # SLURM: the managed PostgreSQL server's own job
+    server_reused: str | None = None  # SLURM: the id of a running server job the sweep re-uses
     tasks: int = 0  # SLURM: array tasks of those arrays
     up_to: bool = False  # SLURM: some stage not measured yet; its tasks get fewer once it is
     whole_stages: bool = False  # local SQLite: one writer, so a stage run is one batch
@@ -86,7 +87,7 @@ class Work:
                                "batches": self.batches}
         if self.executor == "slurm":
             out.update(sbatch=self.sbatch, arrays=self.arrays, server_job=self.server_job,
-                       tasks=self.tasks, tasks_up_to=self.up_to)
+                       server_job_reused=self.server_reused, tasks=self.tasks, tasks_up_to=self.up_to)
         return out
 
     def lines(self) -> list[str]:
@@ -97,6 +98,8 @@ class Work:
         up_to = "up to " if self.up_to else ""
         out = [f"slurm: {self.sbatch} sbatch calls ({self.arrays} arrays{server}), "
                f"{up_to}{self.tasks} array tasks"]
+        if self.server_reused and self.stage_runs:
+            out.append(f"  (server job {self.server_reused} runs: re-used, no sbatch for it)")
         if self.up_to:
             out.append(f"  (fewer once a stage has {costs.MIN_BATCHES} measured batches: a task then runs "
                        "several frames)")
@@ -104,11 +107,12 @@ class Work:
 
 
 def slurm_work(sweep: Sweep, plan: Plan, sizer: TaskSizer, limit: int, going: Flights,
-               server_job: bool) -> Work:
+               server_job: bool, server_reused: str | None = None) -> Work:
     """Arrays and tasks of every pending stage run, split as the executor splits them (stage
     phases, MaxArraySize `limit`, frames_per_batch, right-sized tasks); the sbatch of the server
-    job when the database is one. A run's figures depend only on its stage, window and branches
-    in flight: computed once per kind, not per trial (100,000 trials)."""
+    job when the database is one and none runs that the sweep would re-use. A run's figures
+    depend only on its stage, window and branches in flight: computed once per kind, not per
+    trial (100,000 trials)."""
     kinds: dict[tuple[Stage, int | None, int], tuple[int, int, int, bool]] = {}
     runs = batches = arrays = tasks = 0
     later = False
@@ -125,7 +129,8 @@ def slurm_work(sweep: Sweep, plan: Plan, sizer: TaskSizer, limit: int, going: Fl
             b, a, t, unsized = kinds[kind]
             runs, batches, arrays, tasks = runs + 1, batches + b, arrays + a, tasks + t
             later = later or unsized
-    return Work("slurm", runs, batches, arrays, int(server_job and runs > 0), tasks, later)
+    return Work("slurm", runs, batches, arrays, int(server_job and runs > 0 and not server_reused),
+                server_reused, tasks, later)
 
 
 def local_work(sweep: Sweep, plan: Plan, parallel_writers: bool) -> Work:
@@ -259,9 +264,11 @@ class Forecast:
 
 def build(sweep: Sweep, plan: Plan, sim: Simulation, existing: Iterable[str], disk: Disk,
           estimate: costs.Estimate | None, *, measured: Mapping[Stage, costs.StageCost],
-          limit: Callable[[], int], cpus: Callable[[], int | None], parallel_writers: bool) -> Forecast:
-    """`limit` (MaxArraySize) and `cpus` (the partition's) are asked only where they matter: a
-    SLURM sweep, and the CPUs only once a stage is measured and tasks are right-sized."""
+          limit: Callable[[], int], cpus: Callable[[], int | None], parallel_writers: bool,
+          server_job: Callable[[], str | None] = lambda: None) -> Forecast:
+    """`limit` (MaxArraySize), `cpus` (the partition's) and `server_job` (a running managed server
+    job the sweep would re-use) are asked only where they matter: a SLURM sweep, the CPUs only
+    once a stage is measured and tasks are right-sized, the server job on a managed server."""
     dbs = databases(sim, existing)
     disk = dataclasses.replace(disk, at_once=dbs.at_once)
     if sweep.executor.kind != "slurm":
@@ -270,5 +277,5 @@ def build(sweep: Sweep, plan: Plan, sim: Simulation, existing: Iterable[str], di
     sized = costs.workload(sweep).auto_tasks and any(s != Stage.SOLVE for s in measured)
     sizer = TaskSizer(sweep, measured, cpus() if sized else None)
     server = sweep.database.kind == "postgresql" and sweep.database.managed
-    work = slurm_work(sweep, plan, sizer, limit(), going, server)
+    work = slurm_work(sweep, plan, sizer, limit(), going, server, server_job() if server else None)
     return Forecast(work, dbs, disk, estimate, sizer, going)

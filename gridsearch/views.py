@@ -358,6 +358,7 @@ def plan_forecast(sweep: Sweep, state: tuple[Backend, Ledger] | None, plan: Plan
     """`plan`'s summary before submitting, from what is measured: stage costs (right-sized
     tasks), the databases' sizes and the workdir; SLURM's MaxArraySize, and the partition's
     CPUs once tasks are right-sized (scontrol, sinfo: asked only then)."""
+    from gridsearch.backends.slurm_server import reusable_server_job
     from gridsearch.slurm import describe, gateway
 
     backend, led = state if state is not None else (None, None)
@@ -365,7 +366,8 @@ def plan_forecast(sweep: Sweep, state: tuple[Backend, Ledger] | None, plan: Plan
         sweep, plan, sim, led.databases() if led is not None else [], _disk(sweep, backend, led, plan), est,
         measured=costs.stage_costs(led.measured_batches()) if led is not None else {},
         limit=lambda: describe.max_array_size(), cpus=lambda: gateway.cluster_cpus(sweep.executor.partition),
-        parallel_writers=sweep.database.kind == "postgresql")
+        parallel_writers=sweep.database.kind == "postgresql",
+        server_job=lambda: reusable_server_job(Workspace(sweep.workdir)))
 
 
 def _disk(sweep: Sweep, backend: Backend | None, led: Ledger | None, plan: Plan) -> forecast.Disk:

@@ -18,8 +18,10 @@ from helpers import EXAMPLE_GRID, lab_database, lab_rows, pg_available, write_sp
 from gridsearch import forecast
 from gridsearch.backends.names import db_name
 from gridsearch.backends.postgres import managed_server
+from gridsearch.backends.slurm_server import READY
 from gridsearch.branches import simulate
 from gridsearch.cli import main
+from gridsearch.core.secrets import write_pgpass
 from gridsearch.costs import StageCost
 from gridsearch.engine import plan_for, run_sweep
 from gridsearch.slurm import gateway
@@ -170,7 +172,7 @@ def test_plan_of_a_slurm_sweep_counts_jobs_and_tasks_at_80_columns(
     doc = json.loads(r.stdout)
     # 2 segment runs (3 arrays, 10 tasks each at MaxArraySize 5), 4 link (2, 9), 12 solve (1, 1)
     assert doc["work"] == {"executor": "slurm", "stage_runs": 18, "batches": 68, "sbatch": 27, "arrays": 26,
-                           "server_job": 1, "tasks": 68, "tasks_up_to": True}
+                           "server_job": 1, "server_job_reused": None, "tasks": 68, "tasks_up_to": True}
     tree = doc["branches"]["tree"]
     roots = [n for n in tree if n["depth"] == 0]
     used = {n["database"] for n in tree}
@@ -192,6 +194,33 @@ def test_plan_of_a_slurm_sweep_counts_jobs_and_tasks_at_80_columns(
     assert any(ln.startswith("  time left: known once every stage it needs has 3 measured") for ln in block)
     assert not list(fake_slurm.glob("*.called"))  # nothing measured: sinfo not asked, nothing submitted
     assert not load(spec).workdir.exists()
+
+
+def test_plan_does_not_count_a_server_job_the_sweep_would_reuse(
+    tmp_path: Path, movie: dict[str, Path], fake_slurm: Path
+) -> None:
+    """A killed driver's server job still runs: the next sweep re-uses it (its password is in the
+    workdir's pgpass file), so plan counts no sbatch for it; without the password it would be
+    replaced, and plan counts one again."""
+    spec = write_spec(tmp_path, movie, name="slplan", grid=EXAMPLE_GRID, extra=SLURM % "")
+    ws = Workspace(load(spec).workdir)
+    ws.root.mkdir(parents=True)
+    (ws.root / READY).write_text("4242 node7:55432\n")
+    (fake_slurm / "bin" / "squeue").write_text("#!/bin/sh\necho RUNNING\n")
+    write_pgpass(ws.pgpass, "from-the-killed-driver")
+    r = CliRunner().invoke(main, ["plan", "--json", str(spec)])
+    assert r.exit_code == 0, r.output
+    work = json.loads(r.stdout)["work"]
+    assert (work["sbatch"], work["arrays"]) == (26, 26)
+    assert (work["server_job"], work["server_job_reused"]) == (0, "4242")
+    r = CliRunner().invoke(main, ["plan", str(spec)], env={"COLUMNS": "80"})
+    lines = r.stdout.splitlines()
+    block = lines[lines.index("before submitting:"):]
+    assert block[1:3] == ["  slurm: 26 sbatch calls (26 arrays), up to 68 array tasks",
+                          "    (server job 4242 runs: re-used, no sbatch for it)"], r.stdout
+    ws.pgpass.unlink()
+    work = json.loads(CliRunner().invoke(main, ["plan", "--json", str(spec)]).stdout)["work"]
+    assert (work["sbatch"], work["server_job"], work["server_job_reused"]) == (27, 1, None)
 
 
 def _walk(path: Path) -> int:

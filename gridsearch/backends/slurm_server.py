@@ -121,6 +121,15 @@ def wait_ready(ws: Workspace, job_id: str, notify: Callable[[str], None] = ignor
     return got
 
 
+def reusable_server_job(ws: Workspace) -> str | None:
+    """The job id of a running server job the next driver would re-use (it has a password that
+    opens it); `plan` asks, so that it does not count a server job it would not submit."""
+    got = read_ready(ws.root / READY)
+    if got is None or job_state(got[0]) != "RUNNING":
+        return None
+    return got[0] if os.environ.get(PASSWORD_ENV) or ws.pgpass.exists() else None
+
+
 def _reusable_job(ws: Workspace, user_pw: str | None) -> tuple[str, str] | None:
     """(job id, password) of a live server job of an earlier driver (one killed, or reaped on a
     login node): re-used with the user's fixed password, else with the one the earlier driver
