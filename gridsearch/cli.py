@@ -23,7 +23,7 @@ from gridsearch.core.errors import (
     one_line,
 )
 from gridsearch.spec import Sweep, load
-from gridsearch.stages import Stage, start_label
+from gridsearch.stages import Stage
 
 T = TypeVar("T")
 PLAN_ROWS = 30  # trials `plan` shows on screen; --json lists them all
@@ -227,63 +227,20 @@ def plan(spec: str, as_json: bool, nodes: int | None, cpus_per_node: int) -> Non
     """Dry run: the trials in run order, where each starts, stage runs against the naive count,
     how the branches overlap; then what the rest of the plan asks for: SLURM jobs and array tasks
     (or local batches), databases and disk, and the estimated time once costs are measured."""
-    from gridsearch import screen, views
-    from gridsearch.engine import existing_state, plan_for
+    from gridsearch import views
 
     sw = _load(spec)
-    with existing_state(sw) as state:
-        led = state[1] if state is not None else None
-        p = plan_for(sw, led)
-        est = views.estimate(sw, led, p)
-        sim = views.simulated(sw, led, p)
-        fan = views.branches(sw, led, p, nodes, cpus_per_node, sim)
-        ahead = views.plan_forecast(sw, state, p, sim, est)
-    runs = p.stage_runs()
-    totals = {"stage_runs": {s.label: runs[s] for s in Stage}, "total_stage_runs": sum(runs.values()),
-              "naive_stage_runs": p.naive_runs}
-    # On screen, a big grid shows its first rows only: 100,000 table rows help nobody.
-    shown = p.trials if as_json else p.trials[:PLAN_ROWS]
-    jobs: dict[str, list[str]] = {}
-    if sw.executor.kind == "slurm":
-        from gridsearch.slurm.describe import describe_jobs, one_each
-
-        jobs = {pt.trial.key: describe_jobs(sw, pt, ahead.per_task(pt.trial.key) or one_each) for pt in shown}
-    rows = [
-        {
-            "trial": pt.trial.key,
-            "number": pt.trial.number,
-            "params": pt.trial.params,
-            "first_stage": None if pt.done else start_label(pt.first_stage),
-            "done": pt.done,
-            **({"jobs": jobs[pt.trial.key]} if jobs else {}),
-        }
-        for pt in shown
-    ]
+    report = views.plan_report(sw, nodes, cpus_per_node, None if as_json else PLAN_ROWS)
     if as_json:
-        click.echo(json.dumps({"trials": rows, **totals, "estimate": views.estimate_doc(est),
-                               "branches": fan, **ahead.doc()}, indent=1))
+        click.echo(json.dumps(report.doc(), indent=1))
         return
     c = _console()
-    c.print(f"{sw.name}: {len(p.trials)} trials")
-    table, notes = views.plan_table(rows, sw, c.width)
+    c.print(f"{sw.name}: {len(report.plan.trials)} trials")
+    table, notes = views.plan_table(report.rows, sw, c.width)
     c.print(table)
     for line in notes:
         c.print(line, highlight=False)
-    for i, row in enumerate(rows, 1):
-        for line in screen.wrap([f"{i:>3} {row['trial']} {j}" for j in row.get("jobs", [])], c.width,
-                                rest=" " * 19):
-            c.print(line, highlight=False, markup=False)
-    if len(p.trials) > len(rows):
-        c.print(f"... and {len(p.trials) - len(rows):,} more trials (every one: --json)")
-    c.print(
-        "stage runs: " + ", ".join(f"{k} {v}" for k, v in totals["stage_runs"].items())
-        + f" = {totals['total_stage_runs']} (naive {totals['naive_stage_runs']})"
-    )
-    for line in views.tree_lines(fan):
-        c.print(line, highlight=False, markup=False)
-    for line in screen.wrap([views.branches_line(fan, nodes)], c.width, first="", rest="  "):
-        c.print(line, highlight=False, markup=False)
-    for line in views.forecast_lines(ahead, c.width):
+    for line in report.lines(c.width):
         c.print(line, highlight=False, markup=False)
 
 

@@ -19,11 +19,11 @@ from gridsearch.backends import Backend
 from gridsearch.branches import MAIN, Simulation
 from gridsearch.core.errors import BadInput, GridsearchError
 from gridsearch.core.files import tree_bytes
-from gridsearch.engine import existing_ledger, plan_for
+from gridsearch.engine import existing_ledger, existing_state, plan_for
 from gridsearch.ledger import Ledger
 from gridsearch.planner import Plan
 from gridsearch.spec import CTC_METRICS, Sweep
-from gridsearch.stages import Stage
+from gridsearch.stages import Stage, start_label
 from gridsearch.workspace import Workspace
 
 if TYPE_CHECKING:
@@ -351,6 +351,64 @@ def branches_line(doc: dict[str, Any], nodes: int | None) -> str:
     elif nodes:
         line += "; no makespan until every stage has measured batches (run a few trials first)"
     return line
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanReport:
+    """What `plan` shows: the trials in run order (the first `shown` on screen), stage runs against
+    the naive count, the branch tree and what the rest of the plan asks for."""
+
+    plan: Plan
+    rows: list[dict[str, Any]]
+    est: costs.Estimate | None
+    fan: dict[str, Any]
+    ahead: forecast.Forecast
+    nodes: int | None
+
+    def totals(self) -> dict[str, Any]:
+        runs = self.plan.stage_runs()
+        return {"stage_runs": {s.label: runs[s] for s in Stage}, "total_stage_runs": sum(runs.values()),
+                "naive_stage_runs": self.plan.naive_runs}
+
+    def doc(self) -> dict[str, Any]:
+        return {"trials": self.rows, **self.totals(), "estimate": estimate_doc(self.est),
+                "branches": self.fan, **self.ahead.doc()}
+
+    def lines(self, width: int) -> list[str]:
+        """The screen after the table: each trial's SLURM jobs, stage runs, branches, forecast."""
+        out = [line for i, row in enumerate(self.rows, 1)
+               for line in screen.wrap([f"{i:>3} {row['trial']} {j}" for j in row.get("jobs", [])], width,
+                                       rest=" " * 19)]
+        if len(self.plan.trials) > len(self.rows):
+            out.append(f"... and {len(self.plan.trials) - len(self.rows):,} more trials (every one: --json)")
+        t = self.totals()
+        out.append("stage runs: " + ", ".join(f"{k} {v}" for k, v in t["stage_runs"].items())
+                   + f" = {t['total_stage_runs']} (naive {t['naive_stage_runs']})")
+        out += tree_lines(self.fan)
+        out += screen.wrap([branches_line(self.fan, self.nodes)], width, first="", rest="  ")
+        return out + forecast_lines(self.ahead, width)
+
+
+def plan_report(sweep: Sweep, nodes: int | None, cpus_per_node: int, shown: int | None) -> PlanReport:
+    """`shown`: trials listed (a big grid's first rows on screen: 100,000 rows help nobody)."""
+    with existing_state(sweep) as state:
+        led = state[1] if state is not None else None
+        p = plan_for(sweep, led)
+        est = estimate(sweep, led, p)
+        sim = simulated(sweep, led, p)
+        fan = branches(sweep, led, p, nodes, cpus_per_node, sim)
+        ahead = plan_forecast(sweep, state, p, sim, est)
+    listed = p.trials if shown is None else p.trials[:shown]
+    jobs: dict[str, list[str]] = {}
+    if sweep.executor.kind == "slurm":
+        from gridsearch.slurm.describe import describe_jobs, one_each
+
+        jobs = {pt.trial.key: describe_jobs(sweep, pt, ahead.per_task(pt.trial.key) or one_each)
+                for pt in listed}
+    rows = [{"trial": pt.trial.key, "number": pt.trial.number, "params": pt.trial.params,
+             "first_stage": None if pt.done else start_label(pt.first_stage), "done": pt.done,
+             **({"jobs": jobs[pt.trial.key]} if jobs else {})} for pt in listed]
+    return PlanReport(p, rows, est, fan, ahead, nodes)
 
 
 def plan_forecast(sweep: Sweep, state: tuple[Backend, Ledger] | None, plan: Plan, sim: Simulation,
