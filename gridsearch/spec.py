@@ -404,6 +404,59 @@ def _resolve_data(sf: SweepFile, base: Path, spec_path: Path, headers: Headers) 
     return inputs
 
 
+class _Sections:
+    """Each distinct section of the grid, validated once, and the stage fingerprints of each
+    distinct prefix: what `_expand` looks up per trial."""
+
+    def __init__(self, keys: list[str], base_raw: dict[str, Any], data_identity: str, spec_path: Path,
+                 batching: tuple[int, int], validated: Validated | None) -> None:
+        self.base_raw, self.data_identity, self.spec_path = base_raw, data_identity, spec_path
+        self.batching, self.validated = batching, validated
+        self.positions = {s: [(k, i) for i, k in enumerate(keys) if k.partition(".")[0] == s]
+                          for s in SWEEPABLE}
+        # per section: its keys' value indices -> the section
+        self.cache: dict[str, dict[Any, dict[str, Any]]] = {s: {} for s in SWEEPABLE}
+        self.seg_fp: dict[Any, str] = {}
+        # (segment, link) value indices -> both sections, their fingerprints, the solve fingerprint's
+        # shared hash; tracking value indices -> the section and its hashed JSON
+        self.prefixes: dict[tuple[Any, Any], _Prefix] = {}
+        self.tracks: dict[Any, tuple[dict[str, Any], bytes]] = {}
+
+    def section(self, name: str, params: dict[str, Any], idx: tuple[int, ...]) -> dict[str, Any] | None:
+        swept = {k: idx[i] for k, i in self.positions[name]}
+        validated = self.validated
+        if validated is not None and validated.trusted:
+            sec = validated.section(name, swept)
+            return None if section_problem({name: sec}) else sec
+        sec = _valid_section(name, self.base_raw, params)
+        if sec is not None and validated is not None:
+            validated.record(name, swept, sec)
+        return sec
+
+    def add(self, params: dict[str, Any], idx: tuple[int, ...], ks: Any, kl: Any, kt: Any) -> None:
+        seg_c, link_c, track_c = (self.cache[s] for s in ("segmentation", "linking", "tracking"))
+        seg, link, track = seg_c.get(ks), link_c.get(kl), track_c.get(kt)
+        if seg is None:
+            seg = self.section("segmentation", params, idx)
+        if link is None:
+            link = self.section("linking", params, idx)
+        if track is None and (track := self.section("tracking", params, idx)) is not None:
+            track = None if batch_problem({"tracking": track}, *self.batching) else track
+        if seg is None or link is None or track is None:
+            _validate_trial(params, self.base_raw, self.spec_path, self.batching)  # raises the line naming it
+            raise AssertionError(f"{params}: a section refused alone passed in its trial")
+        seg_c[ks], link_c[kl], track_c[kt] = seg, link, track
+        fs = self.seg_fp.get(ks)
+        if fs is None:
+            fs = self.seg_fp[ks] = chain_fingerprint(self.data_identity, Stage.SEGMENT,
+                                                     stage_params_json(Stage.SEGMENT, seg))
+        if (ks, kl) not in self.prefixes:
+            fl = chain_fingerprint(fs, Stage.LINK, stage_params_json(Stage.LINK, link))
+            self.prefixes[ks, kl] = (seg, link, fs, fl, chain_from(fl, Stage.SOLVE))
+        if kt not in self.tracks:
+            self.tracks[kt] = (track, stage_params_json(Stage.SOLVE, track).encode())
+
+
 def _expand(grid: dict[str, list[Any]], base_raw: dict[str, Any], data_identity: str,
             spec_path: Path, batching: tuple[int, int], validated: Validated | None = None) -> list[Trial]:
     """The cartesian product, each trial validated by ultrack's models and by ours, every stage
@@ -421,47 +474,8 @@ def _expand(grid: dict[str, list[Any]], base_raw: dict[str, Any], data_identity:
     values = [grid[k] for k in keys]
     pick = {s: _picker([i for i, k in enumerate(keys) if k.partition(".")[0] == s]) for s in SWEEPABLE}
     pick_seg, pick_link, pick_track = pick["segmentation"], pick["linking"], pick["tracking"]
-    cache: dict[str, dict[Any, dict[str, Any]]] = {s: {} for s in SWEEPABLE}  # value indices -> section
-    seg_cache, link_cache, track_cache = cache["segmentation"], cache["linking"], cache["tracking"]
-    seg_fp: dict[Any, str] = {}
-    # (segment, link) value indices -> both sections, their fingerprints, the solve fingerprint's
-    # shared hash; tracking value indices -> the section and its hashed JSON
-    prefixes: dict[tuple[Any, Any], _Prefix] = {}
-    tracks: dict[Any, tuple[dict[str, Any], bytes]] = {}
-
-    positions = {s: [(k, i) for i, k in enumerate(keys) if k.partition(".")[0] == s] for s in SWEEPABLE}
-
-    def section(name: str, params: dict[str, Any], idx: tuple[int, ...]) -> dict[str, Any] | None:
-        swept = {k: idx[i] for k, i in positions[name]}
-        if validated is not None and validated.trusted:
-            sec = validated.section(name, swept)
-            return None if section_problem({name: sec}) else sec
-        sec = _valid_section(name, base_raw, params)
-        if sec is not None and validated is not None:
-            validated.record(name, swept, sec)
-        return sec
-
-    def new_sections(params: dict[str, Any], idx: tuple[int, ...], ks: Any, kl: Any, kt: Any) -> None:
-        seg, link, track = seg_cache.get(ks), link_cache.get(kl), track_cache.get(kt)
-        if seg is None:
-            seg = section("segmentation", params, idx)
-        if link is None:
-            link = section("linking", params, idx)
-        if track is None and (track := section("tracking", params, idx)) is not None:
-            track = None if batch_problem({"tracking": track}, *batching) else track
-        if seg is None or link is None or track is None:
-            _validate_trial(params, base_raw, spec_path, batching)  # raises the line naming the trial
-            raise AssertionError(f"{params}: a section refused alone passed in its trial")
-        seg_cache[ks], link_cache[kl], track_cache[kt] = seg, link, track
-        fs = seg_fp.get(ks)
-        if fs is None:
-            fs = seg_fp[ks] = chain_fingerprint(data_identity, Stage.SEGMENT,
-                                                stage_params_json(Stage.SEGMENT, seg))
-        if (ks, kl) not in prefixes:
-            fl = chain_fingerprint(fs, Stage.LINK, stage_params_json(Stage.LINK, link))
-            prefixes[ks, kl] = (seg, link, fs, fl, chain_from(fl, Stage.SOLVE))
-        if kt not in tracks:
-            tracks[kt] = (track, stage_params_json(Stage.SOLVE, track).encode())
+    sections = _Sections(keys, base_raw, data_identity, spec_path, batching, validated)
+    prefixes, tracks = sections.prefixes, sections.tracks
 
     segment_, link_, solve_ = Stage.SEGMENT, Stage.LINK, Stage.SOLVE  # locals: the loop runs 10^5 times
     trials: list[Trial] = []
@@ -471,15 +485,22 @@ def _expand(grid: dict[str, list[Any]], base_raw: dict[str, Any], data_identity:
         pk, kt = (pick_seg(idx), pick_link(idx)), pick_track(idx)
         prefix, tr = prefixes.get(pk), tracks.get(kt)
         if prefix is None or tr is None:
-            new_sections(params, idx, *pk, kt)
+            sections.add(params, idx, *pk, kt)
             prefix, tr = prefixes[pk], tracks[kt]
         seg, link, fs, fl, solve_of = prefix
         track, tj = tr
         fps = {segment_: fs, link_: fl, solve_: solve_of(tj)}
         trials.append(Trial(number, params, {"segmentation": seg, "linking": link, "tracking": track}, fps))
     assert math.prod(len(v) for v in grid.values()) == len(trials)
-    if len({t.fingerprints[solve_] for t in trials}) == len(trials):
-        return trials
+    _refuse_duplicates(trials, keys, spec_path)
+    return trials
+
+
+def _refuse_duplicates(trials: list[Trial], keys: list[str], spec_path: Path) -> None:
+    """Two grid points that ultrack's models make the same config (e.g. 1 and 1.0) would be one
+    trial run twice: refused, naming the values."""
+    if len({t.fingerprints[Stage.SOLVE] for t in trials}) == len(trials):
+        return
     seen: dict[str, Trial] = {}
     for t in trials:
         if t.key in seen:
@@ -487,7 +508,6 @@ def _expand(grid: dict[str, list[Any]], base_raw: dict[str, Any], data_identity:
             diff = ", ".join(f"{k}: {a[k]!r} vs {b[k]!r}" for k in keys if a[k] != b[k])
             raise SpecError(f"{spec_path}: grid: duplicate values ({diff}) give the same ultrack config")
         seen[t.key] = t
-    return trials
 
 
 _Prefix = tuple[dict[str, Any], dict[str, Any], str, str, Callable[[bytes], str]]
