@@ -136,3 +136,23 @@ class Executor(abc.ABC):
                     reported.add((job.run_id, batch))
                     events.batch_done(job.stage, batch)
         return acked
+
+
+class ConcurrentExecutor(Executor):
+    """An executor whose units advance together through `start` + `poll`: the serial path is one
+    unit started and polled until it ends."""
+
+    concurrent = True
+
+    @abc.abstractmethod
+    def start(self, jobs: Sequence[StageJob], events: Events) -> Handle: ...
+
+    @abc.abstractmethod
+    def poll(self) -> list[Handle]: ...
+
+    def run(self, jobs: Sequence[StageJob], events: Events) -> None:
+        handle = self.start(jobs, events)
+        while not handle.finished:
+            self.poll()
+        if handle.error is not None:
+            raise handle.error

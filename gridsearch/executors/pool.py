@@ -18,7 +18,14 @@ from pathlib import Path
 from typing import IO
 
 from gridsearch.core.files import tail
-from gridsearch.executors.base import Events, Executor, ExecutorContext, Handle, StageFailed, StageJob
+from gridsearch.executors.base import (
+    ConcurrentExecutor,
+    Events,
+    ExecutorContext,
+    Handle,
+    StageFailed,
+    StageJob,
+)
 
 
 class _Worker:
@@ -102,11 +109,9 @@ class _Flow:
         return True
 
 
-class PoolExecutor(Executor):
+class PoolExecutor(ConcurrentExecutor):
     """Units share the pool: each dispatches its current phase's batches to free workers, in the
     order the units were started (the engine starts the heaviest branch first)."""
-
-    concurrent = True
 
     def __init__(self, ctx: ExecutorContext, workers: int | None = None, whole_stages: bool = False) -> None:
         super().__init__(ctx)
@@ -127,13 +132,6 @@ class PoolExecutor(Executor):
             assert w.proc.stdout is not None
             self.sel.register(w.proc.stdout, selectors.EVENT_READ, w)
             self.workers.append(w)
-
-    def run(self, jobs: Sequence[StageJob], events: Events) -> None:
-        handle = self.start(jobs, events)
-        while not handle.finished:
-            self.poll()
-        if handle.error is not None:
-            raise handle.error
 
     def start(self, jobs: Sequence[StageJob], events: Events) -> Handle:
         flow = _Flow(Handle(list(jobs), events), self.whole)

@@ -16,8 +16,8 @@ from gridsearch import costs
 from gridsearch.core.files import tail
 from gridsearch.core.secrets import write_pgpass
 from gridsearch.executors.base import (
+    ConcurrentExecutor,
     Events,
-    Executor,
     ExecutorContext,
     Handle,
     StageFailed,
@@ -40,8 +40,7 @@ class _Flight:
     jobs: dict[Stage, StageJob]
 
 
-class SlurmExecutor(Executor):
-    concurrent = True
+class SlurmExecutor(ConcurrentExecutor):
 
     def __init__(self, ctx: ExecutorContext) -> None:
         super().__init__(ctx)
@@ -129,13 +128,6 @@ class SlurmExecutor(Executor):
         return stray
 
     # ---- run --------------------------------------------------------------------------------------
-    def run(self, jobs: Sequence[StageJob], events: Events) -> None:
-        handle = self.start(jobs, events)
-        while not handle.finished:
-            self.poll()
-        if handle.error is not None:
-            raise handle.error
-
     def start(self, jobs: Sequence[StageJob], events: Events) -> Handle:
         handle = Handle(list(jobs), events)
         if not jobs:
