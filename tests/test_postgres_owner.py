@@ -19,6 +19,7 @@ from helpers import pg_available, write_spec
 
 from gridsearch.backends.postgres import managed_server
 from gridsearch.postgres import ManagedServer, ServedElsewhere, owner
+from gridsearch.slurm.gateway import SlurmError
 from gridsearch.spec import load
 from gridsearch.workspace import Workspace
 
@@ -212,6 +213,39 @@ def test_a_record_of_an_ended_slurm_job_is_forgotten(
     assert slurm_server.forget_ended_owner(ws) is False and owner.read(ws.root / "postgres") == ghost
     monkeypatch.setattr(slurm_server, "job_state", lambda job: "NODE_FAIL")
     assert slurm_server.forget_ended_owner(ws) is True and owner.read(ws.root / "postgres") is None
+
+
+def test_a_scheduler_outage_is_never_read_as_the_server_job_ended(
+    open_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """squeue failing ("Socket timed out") while the server job runs: read as UNKNOWN it said the
+    job had ended, and the record was cleared for a second server on the same files. The outage
+    is waited out (said on screen) and the answer after it decides."""
+    from gridsearch.backends import slurm_server
+
+    ws = Workspace(open_tmp / "slurm-outage")
+    ghost = owner.Owner("node7", "node7", 5432, 4242, owner.now(), "123", False)
+    owner.write(ws.root / "postgres", ghost)
+    bin_dir, count = open_tmp / "outage-bin", open_tmp / "outage-calls"
+    bin_dir.mkdir()
+    (bin_dir / "squeue").write_text(
+        f"#!/bin/sh\necho x >> {count}\n"
+        f"if [ $(wc -l < {count}) -le 2 ]; then\n"
+        "  echo 'squeue: error: slurm_load_jobs error: Socket timed out on send/recv operation' >&2; exit 1\n"
+        "fi\necho 'RUNNING|None'\n")
+    (bin_dir / "squeue").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    said: list[str] = []
+    assert slurm_server.forget_ended_owner(ws, said.append) is False
+    assert owner.read(ws.root / "postgres") == ghost
+    assert len(count.read_text().splitlines()) == 3
+    assert said and "Socket timed out" in said[0] and "waiting for the scheduler" in said[0]
+    # a view is not a driver: it does not wait, it stops in one line (tests/test_slurm_status.py)
+    count.write_text("")
+    (ws.root / slurm_server.READY).write_text("123 node7:5432\n")
+    with pytest.raises(SlurmError, match="Socket timed out"):
+        slurm_server.live_server(ws)
+    assert slurm_server.reusable_server_job(ws) is None  # plan: counts a server job, the safe side
 
 
 def test_a_starter_killed_before_its_record_leaves_the_server_on_demand(open_tmp: Path) -> None:

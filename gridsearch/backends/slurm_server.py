@@ -123,20 +123,31 @@ def wait_ready(ws: Workspace, job_id: str, notify: Callable[[str], None] = ignor
 
 def reusable_server_job(ws: Workspace) -> str | None:
     """The job id of a running server job the next driver would re-use (it has a password that
-    opens it); `plan` asks, so that it does not count a server job it would not submit."""
+    opens it); `plan` asks, so that it does not count a server job it would not submit (a
+    scheduler that does not answer: counted, the safe side of a forecast)."""
     got = read_ready(ws.root / READY)
-    if got is None or job_state(got[0]) != "RUNNING":
+    try:
+        if got is None or job_state(got[0]) != "RUNNING":
+            return None
+    except SlurmError:
         return None
     return got[0] if os.environ.get(PASSWORD_ENV) or ws.pgpass.exists() else None
 
 
-def _reusable_job(ws: Workspace, user_pw: str | None) -> tuple[str, str] | None:
+def _state(job_id: str, notify: Callable[[str], None]) -> str:
+    """A job's state for a decision that starts or forgets a server: an outage is waited out,
+    never read as "ended" (that would start a second server on the same files)."""
+    return patiently(lambda: job_state(job_id), PATIENCE_S, notify, f"squeue for job {job_id}")
+
+
+def _reusable_job(ws: Workspace, user_pw: str | None,
+                  notify: Callable[[str], None] = ignore) -> tuple[str, str] | None:
     """(job id, password) of a live server job of an earlier driver (one killed, or reaped on a
     login node): re-used with the user's fixed password, else with the one the earlier driver
     left in libpq's password file for its jobs, so that its queued arrays are re-attached, not
     redone. A job neither opens is cancelled."""
     got = read_ready(ws.root / READY)
-    if got is None or job_state(got[0]) != "RUNNING":
+    if got is None or _state(got[0], notify) != "RUNNING":
         return None
     password = user_pw or (read_pgpass(ws.pgpass) if ws.pgpass.exists() else None)
     if not password:
@@ -146,12 +157,12 @@ def _reusable_job(ws: Workspace, user_pw: str | None) -> tuple[str, str] | None:
     return got[0], password
 
 
-def forget_ended_owner(ws: Workspace) -> bool:
+def forget_ended_owner(ws: Workspace, notify: Callable[[str], None] = ignore) -> bool:
     """An owner record naming a SLURM job that SLURM says has ended is stale (a node that died takes
     its server with it, leaving the record and postmaster.pid): cleared so that a new job may start."""
     root = ws.root / "postgres"
     rec = owner.read(root)
-    if rec is None or not rec.job or job_state(rec.job) in LIVE_STATES:
+    if rec is None or not rec.job or _state(rec.job, notify) in LIVE_STATES:
         return False
     owner.clear(root)
     return True
@@ -163,12 +174,12 @@ def open_server_job(sweep: Sweep, ws: Workspace,
     """The sweep's Backend on a server that runs as a SLURM job (started here or re-used)."""
     (ws.root / "postgres").mkdir(parents=True, exist_ok=True)
     user_pw = os.environ.get(PASSWORD_ENV)
-    reusable = _reusable_job(ws, user_pw)
+    reusable = _reusable_job(ws, user_pw, notify)
     reused = reusable is not None
     job_id, password = reusable or (None, user_pw or secrets.token_urlsafe(24))
     if job_id is None:
         (ws.root / READY).unlink(missing_ok=True)
-        forget_ended_owner(ws)
+        forget_ended_owner(ws, notify)
         job_id = submit_server(sweep, ws, password, notify)
     interrupted = False
     try:

@@ -328,14 +328,22 @@ def _outage(e: BaseException) -> bool:
 
 
 def job_state(job_id: str) -> str:
-    """SLURM's state word for one job; UNKNOWN once squeue no longer knows it."""
-    r = _run(["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T"])
-    return (r.stdout.split() or [UNKNOWN])[0]
+    """SLURM's state word for one job; UNKNOWN once squeue no longer knows it. A squeue that
+    fails raises SlurmError: read as UNKNOWN it would say a running server job had ended."""
+    return job_state_reason(job_id)[0]
 
 
 def wait_gone(job_id: str, timeout: float = 60) -> bool:
-    """Until the job has left the live states (e.g. the server stopped cleanly after scancel)."""
-    return bool(wait_until(lambda: job_state(job_id) not in LIVE_STATES, timeout, 0.3))
+    """Until the job has left the live states (e.g. the server stopped cleanly after scancel); a
+    squeue that fails meanwhile tells nothing, so the wait goes on."""
+
+    def gone() -> bool:
+        try:
+            return job_state(job_id) not in LIVE_STATES
+        except SlurmError:
+            return False
+
+    return bool(wait_until(gone, timeout, 0.3))
 
 
 def wait_all_gone(job_ids: Sequence[str], timeout: float = 300) -> bool:
