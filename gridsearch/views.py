@@ -65,7 +65,7 @@ def estimate(sweep: Sweep, led: Ledger | None, plan: Plan) -> costs.Estimate | N
 def estimate_doc(est: costs.Estimate | None) -> dict[str, Any] | None:
     if est is None:
         return None
-    return {"wall_s": round(est.wall_s, 1), "core_hours": round(est.core_hours, 3),
+    return {"wall_s": round(est.wall_s, 1), "core_hours": round(est.core_hours, 6),
             "measured_batches": est.measured, "line": est.line()}
 
 

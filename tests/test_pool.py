@@ -4,6 +4,7 @@ workers with it (they must not write while the next driver clears the database).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -32,7 +33,14 @@ executor: {kind: local, workers: 2}
 
 
 def _workers(driver: psutil.Process) -> list[psutil.Process]:
-    return [p for p in driver.children() if "gridsearch.worker" in " ".join(p.cmdline())]
+    """The driver's pool workers; its other children come and go (pg_ctl, a zombie not yet reaped,
+    whose command line psutil refuses to read)."""
+    found = []
+    for p in driver.children():
+        with contextlib.suppress(psutil.Error):
+            if "gridsearch.worker" in " ".join(p.cmdline()):
+                found.append(p)
+    return found
 
 
 def _start(spec: Path) -> tuple[subprocess.Popen, list[psutil.Process]]:  # type: ignore[type-arg]
