@@ -53,10 +53,11 @@ READY_S = 300.0  # from RUNNING to accepting connections (initdb + start on a sl
 READY_ENV = "GRIDSEARCH_SERVER_READY_S"
 
 
-def live_server(ws: Workspace) -> tuple[str, str, int] | None:
-    """(job id, host, port) when the ready file names a server job SLURM still runs."""
+def live_server(ws: Workspace, state: Callable[[str], str] | None = None) -> tuple[str, str, int] | None:
+    """(job id, host, port) when the ready file names a server job SLURM still runs; `state`
+    (job_state by default) raises SlurmError when squeue fails, or waits the outage out."""
     got = read_ready(ws.root / READY)
-    if got is None or job_state(got[0]) != "RUNNING":
+    if got is None or (state or job_state)(got[0]) != "RUNNING":
         return None
     return got
 
@@ -125,13 +126,11 @@ def reusable_server_job(ws: Workspace) -> str | None:
     """The job id of a running server job the next driver would re-use (it has a password that
     opens it); `plan` asks, so that it does not count a server job it would not submit (a
     scheduler that does not answer: counted, the safe side of a forecast)."""
-    got = read_ready(ws.root / READY)
     try:
-        if got is None or job_state(got[0]) != "RUNNING":
-            return None
+        got = live_server(ws)
     except SlurmError:
         return None
-    return got[0] if os.environ.get(PASSWORD_ENV) or ws.pgpass.exists() else None
+    return got[0] if got and (os.environ.get(PASSWORD_ENV) or ws.pgpass.exists()) else None
 
 
 def _state(job_id: str, notify: Callable[[str], None]) -> str:
@@ -146,8 +145,8 @@ def _reusable_job(ws: Workspace, user_pw: str | None,
     login node): re-used with the user's fixed password, else with the one the earlier driver
     left in libpq's password file for its jobs, so that its queued arrays are re-attached, not
     redone. A job neither opens is cancelled."""
-    got = read_ready(ws.root / READY)
-    if got is None or _state(got[0], notify) != "RUNNING":
+    got = live_server(ws, lambda job: _state(job, notify))
+    if got is None:
         return None
     password = user_pw or (read_pgpass(ws.pgpass) if ws.pgpass.exists() else None)
     if not password:

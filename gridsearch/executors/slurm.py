@@ -41,7 +41,6 @@ class _Flight:
 
 
 class SlurmExecutor(ConcurrentExecutor):
-
     def __init__(self, ctx: ExecutorContext) -> None:
         super().__init__(ctx)
         self.spec = ctx.sweep.executor
