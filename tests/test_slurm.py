@@ -47,6 +47,9 @@ database: {kind: postgresql, managed: true}
 executor: {kind: slurm, max_parallel: 2, poll_seconds: 1}
 parallel: 1
 """
+# a guard against hangs only: a sweep of 1-2 trials takes 1-4 minutes here, and a CI machine
+# running the other xdist worker's tests beside it has taken 220 s for one trial
+SWEEP_TIMEOUT = 900
 GRID = "grid:\n  linking.max_distance: [15.0]\n  tracking.appear_weight: [-0.1, -0.5]\n"
 ONE = "grid:\n  tracking.appear_weight: [-0.5]\n"
 
@@ -90,7 +93,7 @@ def _stop_server(spec: Path) -> None:
 
 def _wait_for_link(spec: Path, proc: subprocess.Popen[str], running: bool) -> None:
     """Until the sweep's link array is queued (or running): the moment to kill or cancel."""
-    deadline = time.time() + 120
+    deadline = time.time() + 400
     while time.time() < deadline and not any(
             "link" in j and (not running or "RUNNING" in j) for j in _live(spec)):
         assert proc.poll() is None, proc.communicate()[1]
@@ -116,7 +119,7 @@ def test_slurm_sweep_matches_sqlite_and_leaves_queue_empty(
 ) -> None:
     spec = write_spec(open_tmp, short_movie, name="sl", grid=GRID, extra=SLURM)
     proc = _sweep(spec)
-    _out, err = proc.communicate(timeout=240)
+    _out, err = proc.communicate(timeout=SWEEP_TIMEOUT)
     try:
         assert proc.returncode == 0, err
         assert _live(spec) == []  # server job included
@@ -152,7 +155,7 @@ def test_kill_driver_then_reattach(
         proc.wait()
         assert _live(spec), "the arrays died with the driver"
         proc = _sweep(spec, pw)
-        _out, err = proc.communicate(timeout=240)
+        _out, err = proc.communicate(timeout=SWEEP_TIMEOUT)
         assert proc.returncode == 0, err
         assert _live(spec) == []
         df, rows = _ledger(spec)
@@ -173,7 +176,7 @@ def test_permanent_failure_fails_the_trial_without_hanging(
     spec = write_spec(open_tmp, short_movie, name="slfail", grid=ONE, extra=SLURM)
     t0 = time.time()
     proc = _sweep(spec, {"GRIDSEARCH_FAIL": "link:1"})
-    _out, err = proc.communicate(timeout=300)
+    _out, err = proc.communicate(timeout=SWEEP_TIMEOUT)
     try:
         assert proc.returncode == 1, err
         assert time.time() - t0 < 300  # a hang guard, not a speed test: a loaded 2-core machine took 154 s
@@ -201,7 +204,7 @@ def test_with_accounting_slurmdbd(open_tmp: Path, short_movie: dict[str, Path]) 
         spec = write_spec(open_tmp, short_movie, name="sldbd", grid=ONE, extra=SLURM)
         once = open_tmp / "once"
         proc = _sweep(spec, {"GRIDSEARCH_FAIL": f"segment:2:{once}"})
-        _out, err = proc.communicate(timeout=240)
+        _out, err = proc.communicate(timeout=SWEEP_TIMEOUT)
         try:
             assert proc.returncode == 0, err
             df, rows = _ledger(spec)
@@ -252,7 +255,7 @@ def test_cancel_withdraws_every_job_and_the_next_sweep_recovers(
             time.sleep(0.5)
         assert _live(spec) == []
         proc = _sweep(spec, pw)
-        _out, err = proc.communicate(timeout=240)
+        _out, err = proc.communicate(timeout=SWEEP_TIMEOUT)
         assert proc.returncode == 0, err
         df, _rows = _ledger(spec)
     finally:
@@ -410,7 +413,7 @@ def test_queue_waits_and_scheduler_outages_are_waited_out(
         flag.touch()  # and again mid-sweep, with arrays queued
         time.sleep(12)
         flag.unlink()
-        out, err = proc.communicate(timeout=300)
+        out, err = proc.communicate(timeout=SWEEP_TIMEOUT)
     finally:
         flag.unlink(missing_ok=True)
         _node("resume", check=False)
@@ -456,7 +459,7 @@ def test_forgotten_tasks_and_empty_batches_are_done_when_acknowledged(
     procs = [_sweep(plain), _sweep(forgetful, {"PATH": f"{bin_dir}:{os.environ['PATH']}"})]
     try:
         for proc in procs:
-            _out, err = proc.communicate(timeout=240)
+            _out, err = proc.communicate(timeout=SWEEP_TIMEOUT)
             assert proc.returncode == 0, err
         (want, _), (got, rows) = _ledger(plain), _ledger(forgetful)
     finally:
@@ -499,7 +502,7 @@ def test_server_killed_mid_stage_stops_in_one_line_and_resumes(
         assert len(lines) == 1 and lines[0].startswith("error: database error: "), err
         assert "run it again to resume" in lines[0], err
         resumed = _sweep(spec)
-        _out, err = resumed.communicate(timeout=400)
+        _out, err = resumed.communicate(timeout=SWEEP_TIMEOUT)
     finally:
         for p in (proc, locals().get("resumed")):
             if p is not None and p.poll() is None:
@@ -585,7 +588,7 @@ def test_a_harsh_cluster_forgets_times_out_drains_and_answers_sbatch_late(
         time.sleep(10)
         assert proc.poll() is None, proc.communicate()[1]
         _node("resume")
-        _out, err = proc.communicate(timeout=500)
+        _out, err = proc.communicate(timeout=SWEEP_TIMEOUT)
         stray_state = subprocess.run(["squeue", "-h", "-t", "all", "-j", stray, "-o", "%T"],
                                      capture_output=True, text=True).stdout.split()
     finally:
@@ -619,7 +622,7 @@ def test_an_sbatch_refusal_stops_the_sweep_in_one_line(open_tmp: Path, short_mov
     spec = write_spec(open_tmp, short_movie, name="slrefused", grid=GRID, extra=extra)
     proc = _sweep(spec)
     try:
-        _out, err = proc.communicate(timeout=300)
+        _out, err = proc.communicate(timeout=SWEEP_TIMEOUT)
         df, _rows = _ledger(spec)
     finally:
         if proc.poll() is None:
